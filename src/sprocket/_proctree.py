@@ -1,0 +1,231 @@
+"""torchrun's process tree: how it is started, what it reports, how it is stopped.
+
+torchrun puts each rank in a session of its own, so "the process tree" is a set of process
+groups (torchrun's and one per rank). A group is gone when ``/proc`` lists no process in it, not
+even a zombie. ``/proc`` is Linux (the platform runs Linux containers); elsewhere a group reads
+as gone once ``killpg(pgid, 0)`` fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Collection, Iterator, Sequence
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from ._events import EventLog
+
+__all__ = [
+    "ENV_REPORT",
+    "ProcInfo",
+    "default_entrypoint",
+    "describe_exit_code",
+    "first_failure",
+    "group_members",
+    "read_failures",
+    "signal_groups",
+    "terminate_groups",
+    "torchrun_command",
+    "torchrun_env",
+    "wait_groups_gone",
+]
+
+_POLL: Final = 0.02
+ENV_REPORT: Final = "SPROCKET_TORCHRUN_REPORT"
+_REPORT_NAME: Final = "failures.json"
+
+# Runs torchrun's own entry point and, when ranks fail, writes torchrun's structured failure
+# record (rank -> exit code, pid) to a file: a rank's exit status is known only to its parent,
+# torchrun, and parsing torchrun's log text would be brittle.
+_LAUNCHER: Final = """\
+import json, os, sys
+from torch.distributed.run import main
+try:
+    main(sys.argv[1:])
+except BaseException as exc:
+    failures, path = getattr(exc, "failures", None), os.environ.get("SPROCKET_TORCHRUN_REPORT")
+    if isinstance(failures, dict) and path:
+        record = {str(r): {"exitcode": f.exitcode, "pid": f.pid} for r, f in failures.items()}
+        with open(path, "w") as fh:
+            json.dump(record, fh)
+    raise
+"""
+
+
+def torchrun_command(world_size: int, entrypoint: Sequence[str]) -> list[str]:
+    """The torchrun command line that runs ``entrypoint`` (script and args) on each rank.
+
+    ``--max-restarts=0``: a failed rank is a fault of the worker, which the platform restarts;
+    ``--monitor-interval=0.1``: torchrun notices a dead rank (and reports it) quickly.
+    """
+    return [
+        sys.executable,
+        "-c",
+        _LAUNCHER,
+        "--standalone",
+        "--nnodes=1",
+        f"--nproc-per-node={world_size}",
+        "--max-restarts=0",
+        "--monitor-interval=0.1",
+        *entrypoint,
+    ]
+
+
+def torchrun_env(base: dict[str, str], run_dir: Path) -> dict[str, str]:
+    """``base`` plus where the launcher writes torchrun's failure record."""
+    return {**base, ENV_REPORT: str(run_dir / _REPORT_NAME)}
+
+
+def default_entrypoint() -> list[str]:
+    """This process's own script (or ``-m module``) and arguments, for the ranks to run."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return ["-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]]
+    return [os.path.abspath(sys.argv[0]), *sys.argv[1:]]
+
+
+def read_failures(run_dir: Path | None) -> dict[int, tuple[int, int]]:
+    """torchrun's failure record: rank -> (pid, exit code); empty when there is none."""
+    if run_dir is None:
+        return {}
+    try:
+        raw = json.loads((run_dir / _REPORT_NAME).read_text())
+        return {int(r): (int(f["pid"]), int(f["exitcode"])) for r, f in raw.items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcInfo:
+    """One line of ``/proc/<pid>/stat``, the fields we need."""
+
+    pid: int
+    state: str
+    ppid: int
+    pgrp: int
+    session: int
+
+
+def describe_exit_code(code: int | None) -> str:
+    """``"exited with status 3"`` / ``"was killed by signal 9 (SIGKILL)"`` (Popen convention)."""
+    if code is None:
+        return "is still running"
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"was killed by signal {-code}"
+    return f"was killed by signal {-code} ({name})"
+
+
+def _read_stat(pid: str) -> ProcInfo | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    # The command name is in parentheses and may itself contain spaces or ')'.
+    fields = raw[raw.rfind(")") + 2 :].split()
+    try:
+        return ProcInfo(int(pid), fields[0], int(fields[1]), int(fields[2]), int(fields[3]))
+    except (IndexError, ValueError):
+        return None
+
+
+def iter_processes() -> Iterator[ProcInfo]:
+    """Every process visible in ``/proc`` (nothing where there is no ``/proc``)."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return
+    for name in names:
+        if name.isdigit() and (info := _read_stat(name)) is not None:
+            yield info
+
+
+def group_members(groups: Collection[int]) -> list[ProcInfo]:
+    """Processes (zombies included) whose process group is in ``groups``."""
+    if not os.path.isdir("/proc"):
+        return [ProcInfo(g, "?", 0, g, g) for g in groups if _group_exists(g)]
+    return [p for p in iter_processes() if p.pgrp in groups]
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _reap_orphans(members: list[ProcInfo], keep: Collection[int]) -> None:
+    # Ranks orphaned by a dead torchrun are re-parented to init, or to us when we are PID 1 in a
+    # container or a subreaper; then nobody else would ever reap them.
+    me = os.getpid()
+    for p in members:
+        if p.state == "Z" and p.ppid == me and p.pid not in keep:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(p.pid, os.WNOHANG)
+
+
+def first_failure(failures: dict[int, tuple[int, int]]) -> tuple[int, tuple[int, int]]:
+    """The rank to blame in torchrun's failure record, and its ``(pid, exit code)``.
+
+    Ranks that torchrun itself stopped with SIGTERM after the first failure are victims, not
+    the cause; among the rest the lowest rank wins.
+    """
+    rank = min(failures, key=lambda r: (failures[r][1] == -signal.SIGTERM, r))
+    return rank, failures[rank]
+
+
+def signal_groups(groups: Collection[int], sig: signal.Signals) -> None:
+    """Send ``sig`` to each of ``groups`` that has members now.
+
+    Only groups seen alive just now are signalled, so a long-gone group id (which the kernel
+    may hand out again) is never signalled.
+    """
+    for pgid in {p.pgrp for p in group_members(groups)}:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+
+
+async def wait_groups_gone(groups: Collection[int], keep: Collection[int] = ()) -> None:
+    """Return once no process (zombies included) of ``groups`` remains.
+
+    Reaps orphaned zombies that were re-parented to this process, except the pids in ``keep``
+    (children someone else reaps: torchrun's ``trio.Process``). Cancellation stops the wait;
+    bound it with ``trio.move_on_after``.
+    """
+    while members := group_members(groups):
+        _reap_orphans(members, keep)
+        await trio.sleep(_POLL)
+
+
+async def terminate_groups(
+    groups: Collection[int], kill_after: float, keep: Collection[int], events: EventLog
+) -> bool:
+    """SIGTERM every group, SIGKILL what is left after ``kill_after`` s; wait until all gone.
+
+    Returns whether everything is gone (it waits at most ``kill_after`` + 10 s).
+    """
+    signal_groups(groups, signal.SIGTERM)
+    with trio.move_on_after(kill_after):
+        await wait_groups_gone(groups, keep)
+        return True
+    events.record("process_tree_killed", logging.WARNING, groups=list(groups))
+    signal_groups(groups, signal.SIGKILL)
+    with trio.move_on_after(10.0):
+        await wait_groups_gone(groups, keep)
+        return True
+    return False
