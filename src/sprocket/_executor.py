@@ -67,6 +67,11 @@ class Predictor(Protocol):
     @property
     def stuck(self) -> bool: ...
 
+    @property
+    def interruptible(self) -> bool:
+        """Whether cancelling ``predict`` really stops it (asyncio) or only abandons it."""
+        ...
+
 
 class _Base:
     def __init__(self, user: Sprocket | AsyncSprocket) -> None:
@@ -82,6 +87,10 @@ class _Base:
 
     @property
     def stuck(self) -> bool:
+        return False
+
+    @property
+    def interruptible(self) -> bool:
         return False
 
 
@@ -147,6 +156,10 @@ class AsyncPredictor(_Base):
     @property
     def stuck(self) -> bool:
         return self._unfinished > 0
+
+    @property
+    def interruptible(self) -> bool:
+        return True
 
     async def __aenter__(self) -> AsyncPredictor:
         loop = asyncio.new_event_loop()

@@ -85,8 +85,13 @@ class HttpJobs:
                 if idle.cancelled_caught:
                     break
                 await self._run(ticket)
-                if ticket.outcome is not None and ticket.outcome.stuck:
-                    self._lifecycle.fail(ticket.outcome.error or "predict overran its timeout")
+                outcome = ticket.outcome
+                if (
+                    outcome is not None
+                    and outcome.timed_out
+                    and not self._lifecycle.draining.is_set()
+                ):
+                    self._lifecycle.fail(outcome.error or "predict overran its timeout")
                     break
                 idle = trio.CancelScope()
                 if self._lifecycle.draining.is_set():

@@ -32,6 +32,8 @@ class Job:
     payload: Any
     info: InfoBuffer = dataclasses.field(default_factory=InfoBuffer)
     source: str = "http"
+    #: Set when the queue took the job back (409): its result is discarded, not finalized.
+    abandoned: bool = False
 
 
 @dataclasses.dataclass
@@ -94,7 +96,7 @@ class Pipeline:
                     nursery.start_soon(self._tighten_on_drain, scope, started)
                     try:
                         outcome.outputs = await self.run(job)
-                    except (JobError, Exception) as exc:
+                    except Exception as exc:
                         outcome.error = describe_exception(exc)
                         self._log_failure(job, exc)
                     nursery.cancel_scope.cancel()
@@ -156,6 +158,8 @@ class Pipeline:
                 seconds = trio.current_time() - t0
                 self.metrics.predict_seconds.observe(seconds)
             self.events.record("predict_finished", request_id=job.request_id, seconds=seconds)
+            if job.abandoned:
+                raise JobError("the queue took the job back while predict ran; result discarded")
             if not isinstance(outputs, dict):
                 raise TypeError(f"predict() must return a dict, not {type(outputs).__name__}")
             outputs = await processor.finalize(job.request_id, args, outputs)

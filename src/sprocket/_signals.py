@@ -9,7 +9,7 @@ import trio
 from ._events import EventLog
 from ._lifecycle import Lifecycle
 
-__all__ = ["watch_signals"]
+__all__ = ["deliver", "watch_signals"]
 
 
 async def watch_signals(
@@ -26,10 +26,10 @@ async def watch_signals(
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         task_status.started()
         async for signum in signals:
-            first = lifecycle.begin_drain()
-            events.record(
-                "signal",
-                signal=signal.Signals(signum).name,
-                drain_started=first,
-                deadline_in=lifecycle.time_left(),
-            )
+            deliver(lifecycle, events, signal.Signals(signum).name)
+
+
+def deliver(lifecycle: Lifecycle, events: EventLog, name: str = "SIGTERM") -> None:
+    """Act on a termination signal: begin the drain (once) and record it."""
+    first = lifecycle.begin_drain()
+    events.record("signal", signal=name, drain_started=first, deadline_in=lifecycle.time_left())

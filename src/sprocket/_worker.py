@@ -65,6 +65,7 @@ class Worker:
         else:
             self.predictor = make_predictor(user, thread_runner)
         self.http_addresses: list[str] = []
+        self.http_jobs: HttpJobs | None = None
         self.shutdown_calls = 0
         self._transport = transport
         self._resolver = resolver
@@ -91,7 +92,9 @@ class Worker:
             pipeline = Pipeline(
                 self.predictor, transfers, self.settings, lifecycle, self.metrics, events
             )
-            http_jobs = HttpJobs(pipeline, lifecycle, enabled=not self.settings.queue)
+            http_jobs = self.http_jobs = HttpJobs(
+                pipeline, lifecycle, enabled=not self.settings.queue
+            )
             async with trio.open_nursery() as root:
                 watcher = trio.CancelScope()
                 if handle_signals:

@@ -1,0 +1,1 @@
+"""pytest plugin of sprocket.testing (registered through the pytest11 entry point)."""
