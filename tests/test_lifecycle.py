@@ -144,7 +144,7 @@ async def test_setup_longer_than_grace_is_abandoned_without_shutdown(
 ) -> None:
     user = Recorder(setup_seconds=10_000)
     async with trio.open_nursery() as nursery:
-        worker, codes = await _start(nursery, user, tmp_path)
+        worker, _ = await _start(nursery, user, tmp_path)
         await trio.sleep(10)
         deliver(worker.lifecycle, worker.events)
     assert trio.current_time() == pytest.approx(10 + GRACE)
@@ -180,7 +180,7 @@ async def test_predict_overrunning_the_drain_is_cut_at_the_grace_deadline(
 ) -> None:
     user = Recorder()
     async with trio.open_nursery() as nursery:
-        worker, codes = await _start(nursery, user, tmp_path)
+        worker, _ = await _start(nursery, user, tmp_path)
         await _until_state(worker, State.HEALTHY)
         assert worker.http_jobs is not None
         ticket = worker.http_jobs.offer({"sleep": 5_000})

@@ -114,7 +114,12 @@ def _current() -> _Call:
 
 def sleep(seconds: float) -> None:
     """From predict's thread: let ``seconds`` of virtual time pass (instant under autojump)."""
-    trio.from_thread.run(_idle_while, _current(), lambda: trio.sleep(seconds))
+    call = _current()
+
+    async def pause() -> None:
+        await trio.sleep(seconds)
+
+    trio.from_thread.run(_idle_while, call, pause)
 
 
 def wait(gate: Gate) -> None:
