@@ -27,7 +27,7 @@ def _wait_healthy(client: httpx.Client, timeout: float = 60.0) -> None:
 
 
 def test_generate_round_trip_errors_and_recovery(tmp_path: Path) -> None:
-    with worker(KITCHEN_SINK, cwd=tmp_path) as (proc, url), httpx.Client(base_url=url) as client:
+    with worker(KITCHEN_SINK, cwd=tmp_path) as (_proc, url), httpx.Client(base_url=url) as client:
         _wait_healthy(client)
         ok = client.post("/generate", json={"text": "hello"})
         assert ok.status_code == 200
@@ -52,7 +52,7 @@ def test_generate_round_trip_errors_and_recovery(tmp_path: Path) -> None:
 
 
 def test_health_answers_during_cpu_bound_predict_and_busy_gets_503(tmp_path: Path) -> None:
-    with worker(KITCHEN_SINK, cwd=tmp_path) as (proc, url), httpx.Client(base_url=url) as client:
+    with worker(KITCHEN_SINK, cwd=tmp_path) as (_proc, url), httpx.Client(base_url=url) as client:
         _wait_healthy(client)
         result: dict[str, httpx.Response] = {}
         job = threading.Thread(
