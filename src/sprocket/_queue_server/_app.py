@@ -193,6 +193,8 @@ def create_app(
     # Body limits are enforced per endpoint below (JSON vs. uploads), so Quart's global cap
     # (which would also apply to uploads) is off.
     app.config["MAX_CONTENT_LENGTH"] = None
+    # A redirect from "//" to "/" would turn a refused storage name into a different request.
+    app.url_map.merge_slashes = False
     key_bytes = api_key.encode()
 
     @app.errorhandler(ApiError)
