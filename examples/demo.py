@@ -131,9 +131,8 @@ def queue_mode(workdir: Path, env: dict[str, str]) -> None:
             def submit(payload: dict[str, object], *extra: str) -> str:
                 cmd = [*SPROCKET, "queue", "submit", "--model", "kitchen-sink"]
                 cmd += ["--payload", json.dumps(payload), *extra]
-                print(
-                    f"   $ sprocket queue submit --payload '{json.dumps(payload)}' {' '.join(extra)}"
-                )
+                shown = " ".join([f"--payload '{json.dumps(payload)}'", *extra])
+                print(f"   $ sprocket queue submit {shown}")
                 done = subprocess.run(cmd, env=qenv, stdout=subprocess.PIPE, text=True, check=True)
                 return done.stdout
 
