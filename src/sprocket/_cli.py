@@ -171,10 +171,32 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         trio.run(run)
-    except OSError as error:
-        print(f"sprocket queue serve: {error}", file=sys.stderr)
+    except BaseException as error:
+        # Trio's nurseries wrap errors in groups; a failure to bind (port in use, bad address,
+        # unreadable certificate) is still a plain message, not a traceback.
+        os_errors = _only_os_errors(error)
+        if os_errors is None:
+            raise
+        address = f"{args.host}:{args.port}"
+        for os_error in os_errors:
+            print(f"sprocket queue serve: cannot serve on {address}: {os_error}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _only_os_errors(error: BaseException) -> list[OSError] | None:
+    """The OSErrors ``error`` consists of, or ``None`` if it holds anything else."""
+    if isinstance(error, OSError):
+        return [error]
+    if isinstance(error, BaseExceptionGroup):
+        found: list[OSError] = []
+        for inner in error.exceptions:
+            sub = _only_os_errors(inner)
+            if sub is None:
+                return None
+            found.extend(sub)
+        return found
+    return None
 
 
 # -- client commands --------------------------------------------------------------------------

@@ -314,6 +314,21 @@ def test_bad_serve_arguments_fail_clearly(tmp_path: Path) -> None:
         assert "Traceback" not in done.stderr
 
 
+def test_port_in_use_fails_clearly(make_server: Callable[..., ServerProc], tmp_path: Path) -> None:
+    server = make_server()
+    port = httpx.URL(server.start()).port
+    assert port is not None
+    done = subprocess.run(
+        [sys.executable, "-m", "sprocket._cli", "queue", "serve", "--port", str(port),
+         "--data-dir", str(tmp_path / "d"), "--api-key", API_KEY],
+        capture_output=True,
+        text=True,
+        timeout=GENEROUS,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "cannot serve on" in done.stderr and "Traceback" not in done.stderr
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_tls(make_server: Callable[..., ServerProc], tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
