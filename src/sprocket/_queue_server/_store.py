@@ -16,11 +16,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
 from ._ids import new_claim_id, uuid7
+from ._model import (
+    STATUSES,
+    TERMINAL_STATUSES,
+    Job,
+    JobConflict,
+    JobNotFound,
+    Metrics,
+)
 
 __all__ = [
     "MAX_RETRIES",
@@ -33,9 +39,6 @@ __all__ = [
     "QueueStore",
 ]
 
-JobStatus = Literal["pending", "running", "done", "failed", "canceled"]
-STATUSES: Final = ("pending", "running", "done", "failed", "canceled")
-TERMINAL_STATUSES: Final = frozenset({"done", "failed", "canceled"})
 #: How many times a job whose claim expired is handed out again before it fails for good.
 MAX_RETRIES: Final = 3
 #: Bounds of SQLite's INTEGER; a priority outside them could not be stored.
@@ -72,92 +75,6 @@ _COLUMNS: Final = (
     "request_id, model, status, priority, payload, info, outputs, retries, created_at, "
     "claimed_at, done_at, claim_id, claim_timeout, lease_expires_at, hostname"
 )
-
-
-class JobNotFound(LookupError):
-    """No job with this request id exists for this model."""
-
-
-class JobConflict(Exception):
-    """A status update for a job that the sender no longer holds; nothing was changed."""
-
-    def __init__(self, status: str, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
-
-
-@dataclass(frozen=True, slots=True)
-class Job:
-    """A snapshot of one job as stored."""
-
-    request_id: str
-    model: str
-    status: JobStatus
-    priority: int
-    payload: dict[str, Any]
-    info: dict[str, Any]
-    outputs: dict[str, Any] | None
-    retries: int
-    created_at: float
-    claimed_at: float | None
-    done_at: float | None
-    claim_id: str | None
-    claim_timeout: float | None
-    lease_expires_at: float | None
-    hostname: str | None
-
-    def public(self) -> dict[str, Any]:
-        """The job object of ``GET /v1/queue/status`` (snake_case, ISO 8601 timestamps)."""
-        return {
-            "request_id": self.request_id,
-            "model": self.model,
-            "status": self.status,
-            "inputs": self.payload,
-            "outputs": self.outputs,
-            "info": self.info,
-            "priority": self.priority,
-            "retries": self.retries,
-            "created_at": _iso(self.created_at),
-            "claimed_at": _iso(self.claimed_at),
-            "done_at": _iso(self.done_at),
-            "warnings": [],
-        }
-
-    def claim_data(self) -> dict[str, Any]:
-        """The ``data`` object handed to the worker that claimed the job."""
-        return {
-            "request_id": self.request_id,
-            "model": self.model,
-            "payload": self.payload,
-            "info": self.info,
-            "priority": self.priority,
-            "retries": self.retries,
-            "claim_id": self.claim_id,
-            "created_at": _iso(self.created_at),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Metrics:
-    """Queue depth of one model."""
-
-    waiting: int
-    running: int
-
-    def public(self) -> dict[str, int]:
-        """The body of ``GET /v1/queue/metrics``."""
-        return {
-            "messages_waiting": self.waiting,
-            "messages_running": self.running,
-            "total_jobs": self.waiting + self.running,
-        }
 
 
 def _dumps(value: object) -> str:
