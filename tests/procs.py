@@ -98,3 +98,13 @@ def worker(
     with spawn(script, "--port", "0", "--host", "127.0.0.1", *args, env=env, cwd=cwd) as proc:
         found = proc.wait_for(r"http_listening addresses=(http://[0-9.]+:\d+)")
         yield proc, found.group(1)
+
+
+@contextmanager
+def queue_server(data_dir: Path, cwd: Path) -> Iterator[tuple[Proc, str, str]]:
+    """Run ``sprocket queue serve`` on a free port; yield it, its base URL and its API key."""
+    args = ["-m", "sprocket._cli", "queue", "serve", "--port", "0", "--data-dir", str(data_dir)]
+    with spawn(args[0], *args[1:], cwd=cwd) as proc:
+        url = proc.wait_for(r"listening on (http://\S+)").group(1)
+        key = (data_dir / "api_key").read_text().strip()
+        yield proc, url, key

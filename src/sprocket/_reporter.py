@@ -118,6 +118,10 @@ class Reporter:
             except httpx.HTTPError as exc:
                 resp = None
                 failure = f"{type(exc).__name__}: {exc}"
+            except BaseException:
+                # Cancelled mid-send (the job ended): the final report carries this info.
+                info.restore_pending(pending)
+                raise
             if resp is not None and resp.status_code == 409:
                 self._mark_lost(resp)
                 return
