@@ -91,8 +91,7 @@ async def drive(
     worker = Worker(user, settings, transport=transport)
 
     async def stop_when_done() -> None:
-        while worker.events.names().count("reported") < jobs:
-            await trio.sleep(0.01)
+        await worker.events.wait_count("reported", jobs)
         deliver(worker.lifecycle, worker.events)
 
     async with trio.open_nursery() as nursery:

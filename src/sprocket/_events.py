@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from typing import Any
@@ -30,14 +31,27 @@ class EventLog:
 
     def __init__(self, keep: int = 10_000) -> None:
         self.events: list[Event] = []
+        self.counts: collections.Counter[str] = collections.Counter()
         self._keep = keep
+        self._changed: trio.Event | None = None
 
     def record(self, name: str, level: int = logging.INFO, **fields: Any) -> None:
         self.events.append(Event(name, _now(), fields))
+        self.counts[name] += 1
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
         if len(self.events) > self._keep:
             del self.events[: len(self.events) - self._keep]
         if logger.isEnabledFor(level):
             logger.log(level, "%s", name, extra={"sprocket_event": name, "sprocket_fields": fields})
+
+    async def wait_count(self, name: str, count: int = 1) -> None:
+        """Wait until ``name`` has been recorded ``count`` times in all (call from Trio)."""
+        while self.counts[name] < count:
+            if self._changed is None:
+                self._changed = trio.Event()
+            await self._changed.wait()
 
     def names(self, *, request_id: str | None = None) -> list[str]:
         return [
