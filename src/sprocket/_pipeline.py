@@ -6,6 +6,8 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import traceback
 from typing import Any
 
 import trio
@@ -88,6 +90,7 @@ class Pipeline:
         (``Outcome.stuck``). Cancellation from outside propagates as usual.
         """
         started = trio.current_time()
+        self.events.record("received", request_id=job.request_id, source=job.source)
         self.metrics.requests_inflight.set(1)
         outcome = Outcome()
         try:
@@ -138,7 +141,9 @@ class Pipeline:
         if isinstance(exc, JobError):
             logger.warning("job failed: %s", exc, extra={"sprocket_fields": _rid(job)})
         else:
-            logger.error("predict raised", exc_info=exc, extra={"sprocket_fields": _rid(job)})
+            logger.error(
+                "the job raised:\n%s", user_traceback(exc), extra={"sprocket_fields": _rid(job)}
+            )
 
     async def run(self, job: Job) -> dict[str, Any]:
         """Download, predict, finalize, upload; raise on failure. Inputs are always removed."""
@@ -178,6 +183,21 @@ class Pipeline:
             self.events.record("warmup_started", request_id=rid)
             await self.predictor.predict(dict(args), InfoBuffer())
             self.events.record("warmup_finished", request_id=rid)
+
+
+def user_traceback(exc: BaseException) -> str:
+    """The traceback of ``exc`` without the frames of Trio's and sprocket's own machinery."""
+    frames = [
+        frame
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if not any(part in frame.filename for part in _MACHINERY)
+    ]
+    lines = ["Traceback (most recent call last):\n", *traceback.format_list(frames)]
+    lines += traceback.format_exception_only(type(exc), exc)
+    return "".join(lines).rstrip()
+
+
+_MACHINERY = (f"{os.sep}trio{os.sep}", f"{os.sep}outcome{os.sep}", f"{os.sep}sprocket{os.sep}_")
 
 
 def _check_json(outputs: dict[str, Any]) -> None:

@@ -167,3 +167,64 @@ def test_setup_failure_exits_nonzero_with_traceback(tmp_path: Path) -> None:
         assert proc.wait() == 1
         out = proc.output()
         assert "Traceback" in out and "ValueError: no weights here" in out
+
+
+def test_prediction_timeout_answers_500_and_exits_nonzero(tmp_path: Path) -> None:
+    env = {"TERMINATION_GRACE_PERIOD_SECONDS": "2"}
+    with worker(KITCHEN_SINK, env=env, cwd=tmp_path) as (proc, url):
+        with httpx.Client(base_url=url, timeout=30) as client:
+            _wait_healthy(client)
+            answer = client.post("/generate", json={"sleep": 30})
+        assert answer.status_code == 500
+        assert answer.json()["error"].startswith("PredictionTimeout: predict did not finish")
+        assert proc.wait() == 1
+        assert "exited status=1" in proc.output()
+
+
+ASYNC_WORKER = """
+import asyncio
+import os
+import sprocket
+
+class Echo(sprocket.AsyncSprocket):
+    warmup_inputs = [{"x": "warm"}]
+
+    async def setup(self):
+        self.loop = asyncio.get_running_loop()
+
+    async def predict(self, args):
+        assert asyncio.get_running_loop() is self.loop
+        sprocket.emit_info({"progress": 1.0})
+        await asyncio.sleep(float(args.get("sleep", 0)))
+        return {"echo": args.get("x")}
+
+    async def shutdown(self):
+        with open(os.environ["MARKER"], "a") as f:
+            f.write("shutdown\\n")
+
+sprocket.run(Echo(), "async-echo")
+"""
+
+
+def test_async_sprocket_serves_and_drains(tmp_path: Path) -> None:
+    script = tmp_path / "async_echo.py"
+    script.write_text(ASYNC_WORKER)
+    marker = tmp_path / "marker"
+    with worker(script, env={"MARKER": str(marker)}, cwd=tmp_path) as (proc, url):
+        with httpx.Client(base_url=url, timeout=30) as client:
+            _wait_healthy(client)
+            assert client.post("/generate", json={"x": 1}).json() == {"echo": 1}
+            result: dict[str, httpx.Response] = {}
+            job = threading.Thread(
+                target=lambda: result.setdefault(
+                    "r", httpx.post(f"{url}/generate", json={"x": 2, "sleep": 1}, timeout=30)
+                )
+            )
+            job.start()
+            while "requests_inflight 1.0" not in client.get("/metrics").text:
+                time.sleep(0.02)
+            proc.signal(signal.SIGTERM)
+            job.join(30)
+        assert proc.wait() == 0
+        assert result["r"].json() == {"echo": 2}
+        assert marker.read_text() == "shutdown\n"
