@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/python -c "import sprocket, trio, hypercorn, quart_trio, together, torch"
+	$(BIN)/python -c "import sprocket, trio, hypercorn, quart_trio, together"
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -1,7 +1,7 @@
 """The smallest sprocket worker: echoes a greeting.
 
-    python examples/hello_world.py            # HTTP mode on :8000, POST /generate {"name": "Ada"}
-    python examples/hello_world.py --queue    # take jobs from the queue at TOGETHER_API_BASE_URL
+python examples/hello_world.py            # HTTP mode on :8000, POST /generate {"name": "Ada"}
+python examples/hello_world.py --queue    # take jobs from the queue at TOGETHER_API_BASE_URL
 """
 
 from typing import Any
