@@ -21,12 +21,15 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING, Any
 
 import sprocket
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported in setup(), which runs only in the ranks: the supervising parent process
+# never loads it (a faster start and exit, and no chance of it touching the GPUs).
 
 
 class TorchrunSink(sprocket.Sprocket):
@@ -36,6 +39,10 @@ class TorchrunSink(sprocket.Sprocket):
         rank = int(os.environ["RANK"])
         if os.environ.get("TORCHRUN_SINK_FAIL_SETUP_RANK") == str(rank):
             raise ValueError(f"rank {rank} could not load its weights")
+        import torch
+        import torch.distributed as dist
+
+        self.torch, self.dist = torch, dist
         dist.init_process_group("gloo")
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -52,8 +59,8 @@ class TorchrunSink(sprocket.Sprocket):
                 sprocket.emit_info({"progress": i / steps})
         if args.get("crash_rank") == self.rank:
             os._exit(3)
-        total = torch.tensor([self.rank + 1])
-        dist.all_reduce(total)
+        total: torch.Tensor = self.torch.tensor([self.rank + 1])
+        self.dist.all_reduce(total)
         # After the collective: a rank that raised before it would leave the others waiting in
         # all_reduce until the process group's timeout.
         fail = args.get("fail_rank")
@@ -72,7 +79,7 @@ class TorchrunSink(sprocket.Sprocket):
         marker_dir = os.environ.get("TORCHRUN_SINK_MARKER_DIR")
         if marker_dir:
             Path(marker_dir, f"shutdown-{self.rank}").write_text("ok\n")
-        dist.destroy_process_group()
+        self.dist.destroy_process_group()
 
 
 if __name__ == "__main__":

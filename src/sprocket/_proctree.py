@@ -46,10 +46,15 @@ _REPORT_NAME: Final = "failures.json"
 # record (rank -> exit code, pid) to a file: a rank's exit status is known only to its parent,
 # torchrun, and parsing torchrun's log text would be brittle.
 _LAUNCHER: Final = """\
-import json, os, sys
+import atexit, json, os, sys
 from torch.distributed.run import main
 try:
     main(sys.argv[1:])
+    # Skip the half-second teardown of an interpreter that imported torch (as the ranks do).
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 except BaseException as exc:
     failures, path = getattr(exc, "failures", None), os.environ.get("SPROCKET_TORCHRUN_REPORT")
     if isinstance(failures, dict) and path:
@@ -200,32 +205,50 @@ def signal_groups(groups: Collection[int], sig: signal.Signals) -> None:
             os.killpg(pgid, sig)
 
 
-async def wait_groups_gone(groups: Collection[int], keep: Collection[int] = ()) -> None:
+def _adopt_children(groups: set[int], parent: int | None) -> None:
+    # torchrun starts each rank as the leader of a new session; a rank that has not said hello
+    # yet (or never will) is known only as torchrun's child.
+    if parent is not None:
+        groups.update(p.pid for p in iter_processes() if p.ppid == parent)
+
+
+async def wait_groups_gone(
+    groups: set[int], keep: Collection[int] = (), parent: int | None = None
+) -> None:
     """Return once no process (zombies included) of ``groups`` remains.
 
-    Reaps orphaned zombies that were re-parented to this process, except the pids in ``keep``
-    (children someone else reaps: torchrun's ``trio.Process``). Cancellation stops the wait;
-    bound it with ``trio.move_on_after``.
+    ``groups`` grows by every child of ``parent`` seen meanwhile. Reaps orphaned zombies that
+    were re-parented to this process, except the pids in ``keep`` (children someone else
+    reaps: torchrun's ``trio.Process``). Cancellation stops the wait; bound it with
+    ``trio.move_on_after``.
     """
-    while members := group_members(groups):
+    while True:
+        _adopt_children(groups, parent)
+        members = group_members(groups)
+        if not members:
+            return
         _reap_orphans(members, keep)
         await trio.sleep(_POLL)
 
 
 async def terminate_groups(
-    groups: Collection[int], kill_after: float, keep: Collection[int], events: EventLog
+    groups: set[int], kill_after: float, torchrun: int | None, events: EventLog
 ) -> bool:
     """SIGTERM every group, SIGKILL what is left after ``kill_after`` s; wait until all gone.
 
-    Returns whether everything is gone (it waits at most ``kill_after`` + 10 s).
+    ``groups`` grows by the children of ``torchrun`` (whose ``trio.Process`` reaps it). Returns
+    whether everything is gone; waits at most ``kill_after`` + 10 s.
     """
+    keep = () if torchrun is None else (torchrun,)
+    _adopt_children(groups, torchrun)
     signal_groups(groups, signal.SIGTERM)
     with trio.move_on_after(kill_after):
-        await wait_groups_gone(groups, keep)
+        await wait_groups_gone(groups, keep, torchrun)
         return True
-    events.record("process_tree_killed", logging.WARNING, groups=list(groups))
+    events.record("process_tree_killed", logging.WARNING, groups=sorted(groups))
+    _adopt_children(groups, torchrun)
     signal_groups(groups, signal.SIGKILL)
     with trio.move_on_after(10.0):
-        await wait_groups_gone(groups, keep)
+        await wait_groups_gone(groups, keep, torchrun)
         return True
     return False

@@ -297,6 +297,7 @@ class TorchrunPredictor:
             self._set_fault(error)
         elif kind == "stopped":
             rank.stopped = True
+            self._events.record("rank_stopped", rank=rank.rank)
             if message.get("error"):
                 error = self._shutdown_errors[rank.rank] = RankError(rank.rank, message["error"])
                 self._record_rank_error(error, "shutdown")
@@ -370,9 +371,8 @@ class TorchrunPredictor:
             self._accept_scope.cancel()
             for rank in self._ranks.values():
                 await trio.aclose_forcefully(rank.stream.stream)
-            keep = {self._proc.pid} if self._proc is not None else set()
-            groups = sorted(self._groups)
-            gone = await terminate_groups(groups, self._kill_after, keep, self._events)
+            torchrun = self._proc.pid if self._proc is not None else None
+            gone = await terminate_groups(self._groups, self._kill_after, torchrun, self._events)
             if self._proc is not None:
                 with trio.move_on_after(5.0):
                     await self._proc.wait()

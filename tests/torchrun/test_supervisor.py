@@ -22,11 +22,11 @@ pytestmark = pytest.mark.e2e
 GONE_TIMEOUT = 30.0
 
 
-def assert_tree_gone(s: Supervised) -> None:
+def assert_tree_gone(s: Supervised, ranks: int = 2) -> None:
     s.snapshot()
     left = s.tree.wait_gone(GONE_TIMEOUT)
     assert not left, f"processes outlived the supervisor: {left}"
-    assert len(s.pids("rank_connected")) == 2
+    assert len(s.pids("rank_connected")) >= ranks
 
 
 async def test_jobs_progress_files_errors_and_graceful_shutdown(
@@ -114,7 +114,8 @@ async def test_rank_setup_failure(supervise, monkeypatch: pytest.MonkeyPatch) ->
             await s.predictor.setup()
         s.snapshot()
     assert str(caught.value) == "rank 1 raised ValueError: rank 1 could not load its weights"
-    assert_tree_gone(s)
+    # Rank 0 may not have connected before the teardown: it is stopped as torchrun's child.
+    assert_tree_gone(s, ranks=1)
 
 
 async def test_cancelled_predict_is_stuck_until_the_ranks_answer(supervise) -> None:
@@ -164,3 +165,15 @@ async def test_body_exception_propagates_unwrapped(supervise) -> None:
             s.snapshot()
             raise KeyError("from the body")
     assert_tree_gone(s)
+
+
+async def test_ranks_that_never_connect_and_ignore_sigterm_are_killed(supervise) -> None:
+    stubborn = Path(__file__).with_name("stubborn_rank.py")
+    async with supervise(entrypoint=[str(stubborn)], kill_after=1.0) as s:
+        with trio.move_on_after(3.0):
+            await s.predictor.setup()  # never settles: nobody connects
+        s.snapshot()
+        assert len(s.tree.members) == 3  # torchrun and its two ranks
+    assert "process_tree_killed" in s.events.names()
+    assert "process_tree_gone" in s.events.names()
+    assert_tree_gone(s, ranks=0)

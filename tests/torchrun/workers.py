@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import select
 import signal
 import socket
 import subprocess
@@ -120,11 +119,15 @@ LISTEN_RE = re.compile(r"sprocket queue server listening on (\S+)")
 
 @dataclass
 class QueueServer:
-    """``sprocket queue serve`` on a free port, with its data in ``tmp``."""
+    """``sprocket queue serve`` on a free port, with its data and output in ``tmp``."""
 
     tmp: Path
-    proc: subprocess.Popen[str] | None = None
+    proc: subprocess.Popen[bytes] | None = None
     url: str = ""
+
+    @property
+    def log_path(self) -> Path:
+        return self.tmp / "queue-server.log"
 
     def start(self) -> QueueServer:
         cmd = [
@@ -132,20 +135,18 @@ class QueueServer:
             "queue", "serve", "--port", "0", "--data-dir", str(self.tmp / "queue"),
             "--api-key", API_KEY,
         ]  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-        )
-        assert self.proc.stdout is not None
-        deadline, seen = time.monotonic() + START_TIMEOUT, []
+        # Output to a file polled for the address: select() on a pipe read with buffered
+        # readline() can miss a line that is already in the buffer.
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline and self.proc.poll() is None:
-            if select.select([self.proc.stdout], [], [], 0.2)[0]:
-                line = self.proc.stdout.readline()
-                seen.append(line)
-                if match := LISTEN_RE.search(line):
-                    self.url = match.group(1)
-                    return self
+            if match := LISTEN_RE.search(self.log_path.read_text(errors="replace")):
+                self.url = match.group(1)
+                return self
+            time.sleep(0.05)
         self.stop()
-        raise AssertionError("queue server did not start:\n" + "".join(seen))
+        raise AssertionError("queue server did not start:\n" + self.log_path.read_text())
 
     def client(self) -> httpx.Client:
         auth = {"Authorization": f"Bearer {API_KEY}"}
@@ -162,5 +163,3 @@ class QueueServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc is not None and self.proc.stdout is not None:
-            self.proc.stdout.close()
