@@ -15,8 +15,10 @@ import trio
 from ._api import AsyncSprocket, Sprocket
 from ._config import Settings
 from ._errors import ConfigurationError
+from ._events import EventLog
 from ._executor import Predictor, make_predictor
 from ._info import InfoBuffer
+from ._lifecycle import Lifecycle
 from ._logging import configure_logging
 from ._worker import Worker
 
@@ -74,6 +76,11 @@ def run(
     try:
         if settings.run_and_exit is not None:
             predictor = make_predictor(sprocket)
+            if use_torchrun:  # the ranks run setup/predict; this process never does
+                from ._torchrun import TorchrunPredictor
+
+                lifecycle = Lifecycle(settings.grace_period)
+                predictor = TorchrunPredictor(sprocket, settings, lifecycle, EventLog())
             code = trio.run(run_and_exit, predictor, settings.run_and_exit)
         else:
             worker = Worker(sprocket, settings, use_torchrun=use_torchrun)
