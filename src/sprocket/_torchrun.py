@@ -115,6 +115,7 @@ class TorchrunPredictor:
         self.processor = type(user).processor()
         self.warmup_inputs = [dict(args) for args in type(user).warmup_inputs]
         self.world_size = settings.world_size
+        self._interruptible = isinstance(user, AsyncSprocket)
         self._lifecycle, self._events = lifecycle, events
         self._entrypoint = list(entrypoint) if entrypoint is not None else default_entrypoint()
         self._kill_after, self._status_timeout = kill_after, status_timeout
@@ -381,6 +382,11 @@ class TorchrunPredictor:
             self._tree_gone.set()
 
     # -- the Predictor interface ----------------------------------------------------------
+
+    @property
+    def interruptible(self) -> bool:
+        """Whether a cancelled job is stopped in the ranks (an ``AsyncSprocket``) or abandoned."""
+        return self._interruptible
 
     @property
     def stuck(self) -> bool:
