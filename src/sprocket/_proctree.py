@@ -14,18 +14,23 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
 import trio
 
+from ._errors import JobError
 from ._events import EventLog
 
 __all__ = [
     "ENV_REPORT",
     "ProcInfo",
+    "RankExited",
+    "TorchrunError",
+    "TorchrunProcess",
     "default_entrypoint",
     "describe_exit_code",
     "first_failure",
@@ -34,7 +39,6 @@ __all__ = [
     "signal_groups",
     "terminate_groups",
     "torchrun_command",
-    "torchrun_env",
     "wait_groups_gone",
 ]
 
@@ -65,6 +69,18 @@ except BaseException as exc:
 """
 
 
+class TorchrunError(JobError):
+    """The rank process tree failed: a rank died or torchrun exited on its own."""
+
+
+class RankExited(TorchrunError):
+    """A rank process ended unexpectedly; ``str()`` names the rank, pid and exit status."""
+
+    def __init__(self, rank: int, pid: int, status: str, during: str) -> None:
+        self.rank, self.pid, self.status = rank, pid, status
+        super().__init__(f"rank {rank} (pid {pid}) {status} {during}")
+
+
 def torchrun_command(world_size: int, entrypoint: Sequence[str]) -> list[str]:
     """The torchrun command line that runs ``entrypoint`` (script and args) on each rank.
 
@@ -82,11 +98,6 @@ def torchrun_command(world_size: int, entrypoint: Sequence[str]) -> list[str]:
         "--monitor-interval=0.1",
         *entrypoint,
     ]
-
-
-def torchrun_env(base: dict[str, str], run_dir: Path) -> dict[str, str]:
-    """``base`` plus where the launcher writes torchrun's failure record."""
-    return {**base, ENV_REPORT: str(run_dir / _REPORT_NAME)}
 
 
 def default_entrypoint() -> list[str]:
@@ -252,3 +263,73 @@ async def terminate_groups(
         await wait_groups_gone(groups, keep, torchrun)
         return True
     return False
+
+
+class TorchrunProcess:
+    """torchrun and the process groups of its tree, from start to the last process reaped.
+
+    ``groups`` holds torchrun's group and, once known (``add_rank``), each rank's. ``exited``
+    is set when torchrun has exited and was reaped; ``returncode`` is then its status.
+    """
+
+    def __init__(
+        self,
+        world_size: int,
+        entrypoint: Sequence[str],
+        env: Mapping[str, str],
+        run_dir: Path,
+        events: EventLog,
+    ) -> None:
+        self._command = torchrun_command(world_size, entrypoint)
+        self._env = {**env, ENV_REPORT: str(run_dir / _REPORT_NAME)}
+        self._run_dir, self._events, self._world_size = run_dir, events, world_size
+        self._proc: trio.Process | None = None
+        self.groups: set[int] = set()
+        self.exited = trio.Event()
+        self._terminated: trio.Event | None = None
+        self.gone = False
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._proc is None else self._proc.returncode
+
+    def add_rank(self, pid: int) -> None:
+        """A rank said hello: its group (it leads a session of its own) is part of the tree."""
+        self.groups.add(pid)
+
+    def failures(self) -> dict[int, tuple[int, int]]:
+        """torchrun's failure record (see ``read_failures``)."""
+        return read_failures(self._run_dir)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start torchrun, report started, return once it exited (cancellation: stop waiting)."""
+        # Its own session and process group, so that signals for the tree reach no one else.
+        proc = await trio.lowlevel.open_process(
+            self._command, env=self._env, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        self._proc = proc
+        self.groups.add(proc.pid)
+        self._events.record("torchrun_started", pid=proc.pid, world_size=self._world_size)
+        task_status.started()
+        await proc.wait()
+        self.exited.set()
+
+    async def terminate(self, kill_after: float) -> bool:
+        """Stop the whole tree (see ``terminate_groups``) and reap torchrun; run once.
+
+        Later calls wait for the first to finish. Returns whether every process is gone.
+        """
+        if self._terminated is not None:
+            await self._terminated.wait()
+            return self.gone
+        self._terminated = trio.Event()
+        try:
+            pid = self._proc.pid if self._proc is not None else None
+            self.gone = await terminate_groups(self.groups, kill_after, pid, self._events)
+            if self._proc is not None:
+                with trio.move_on_after(5.0):
+                    await self._proc.wait()
+            self._events.record("process_tree_gone" if self.gone else "process_tree_survived")
+        finally:
+            self._terminated.set()
+        return self.gone

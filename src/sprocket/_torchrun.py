@@ -24,7 +24,6 @@ import logging
 import os
 import secrets
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,13 +47,12 @@ from ._ipc import (
 )
 from ._lifecycle import Lifecycle
 from ._proctree import (
+    RankExited,
+    TorchrunError,
+    TorchrunProcess,
     default_entrypoint,
     describe_exit_code,
     first_failure,
-    read_failures,
-    terminate_groups,
-    torchrun_command,
-    torchrun_env,
 )
 from ._rank import ENV_SOCKET, ENV_TOKEN
 
@@ -62,18 +60,6 @@ __all__ = ["RankError", "RankExited", "TorchrunError", "TorchrunPredictor"]
 
 #: How long a connected rank may take to say hello before it is dropped.
 _HELLO_TIMEOUT: Final = 30.0
-
-
-class TorchrunError(JobError):
-    """The rank process tree failed: a rank died or torchrun exited on its own."""
-
-
-class RankExited(TorchrunError):
-    """A rank process ended unexpectedly; ``str()`` names the rank, pid and exit status."""
-
-    def __init__(self, rank: int, pid: int, status: str, during: str) -> None:
-        self.rank, self.pid, self.status = rank, pid, status
-        super().__init__(f"rank {rank} (pid {pid}) {status} {during}")
 
 
 @dataclasses.dataclass(eq=False)
@@ -133,11 +119,7 @@ class TorchrunPredictor:
         self._failing = False
         self._stopping = False
         self._closing = False
-        self._groups: set[int] = set()
-        self._proc: trio.Process | None = None
-        self._torchrun_done = trio.Event()
-        self._tree_gone = trio.Event()
-        self._teardown_started = False
+        self._torchrun: TorchrunProcess | None = None
         self._dir: Path | None = None
         self._stack = contextlib.AsyncExitStack()
         self._service_scope = trio.CancelScope(shield=True)
@@ -195,38 +177,24 @@ class TorchrunPredictor:
                 path = str(self._dir / "ipc.sock")
                 listener = await open_unix_listener(path, self.world_size)
                 nursery.start_soon(self._accept, listener)
-                env = torchrun_env(
-                    {**os.environ, ENV_SOCKET: path, ENV_TOKEN: self._token}, self._dir
+                env = {**os.environ, ENV_SOCKET: path, ENV_TOKEN: self._token}
+                self._torchrun = TorchrunProcess(
+                    self.world_size, self._entrypoint, env, self._dir, self._events
                 )
-                await nursery.start(self._run_torchrun, env)
+                await nursery.start(self._watch_torchrun, self._torchrun)
                 task_status.started()
 
-    async def _run_torchrun(
-        self, env: dict[str, str], *, task_status: trio.TaskStatus[None]
+    async def _watch_torchrun(
+        self, torchrun: TorchrunProcess, *, task_status: trio.TaskStatus[None]
     ) -> None:
-        command = torchrun_command(self.world_size, self._entrypoint)
-        # Its own session and process group, so that signals for the tree reach no one else.
-        proc = await trio.lowlevel.open_process(
-            command, env=env, stdin=subprocess.DEVNULL, start_new_session=True
-        )
-        self._proc = proc
-        self._groups.add(proc.pid)
-        self._events.record("torchrun_started", pid=proc.pid, world_size=self.world_size)
-        task_status.started()
-        await proc.wait()
-        self._torchrun_done.set()
-        code = proc.returncode
+        await torchrun.run(task_status=task_status)
+        code = torchrun.returncode
         expected = self._closing or (self._stopping and code == 0)
-        self._events.record(
-            "torchrun_exited",
-            logging.INFO if expected else logging.ERROR,
-            pid=proc.pid,
-            status=describe_exit_code(code),
-        )
+        level = logging.INFO if expected else logging.ERROR
+        self._events.record("torchrun_exited", level, status=describe_exit_code(code))
         if not expected and not self._failing:
             self._failing = True
-            failures = read_failures(self._dir)
-            if failures:
+            if failures := torchrun.failures():
                 rank, (pid, exitcode) = first_failure(failures)
                 self._set_fault(RankExited(rank, pid, describe_exit_code(exitcode), self._phase()))
             else:
@@ -264,7 +232,7 @@ class TorchrunPredictor:
             self._events.record("rank_rejected", logging.WARNING, hello=checked)
             return None
         number, pid = checked
-        self._groups.add(pid)  # torchrun starts each rank in a session (and group) of its own
+        self._tree.add_rank(pid)
         rank = self._ranks[number] = _Rank(number, pid, stream)
         self._events.record("rank_connected", rank=number, pid=pid)
         if len(self._ranks) == self.world_size:
@@ -318,8 +286,8 @@ class TorchrunPredictor:
         # Only torchrun (the rank's parent) learns the exit status; it notices within its
         # monitor interval, stops the other ranks and exits, leaving its failure record.
         with trio.move_on_after(self._status_timeout):
-            await self._torchrun_done.wait()
-        entry = read_failures(self._dir).get(rank.rank)
+            await self._tree.exited.wait()
+        entry = self._tree.failures().get(rank.rank)
         status = describe_exit_code(entry[1]) if entry else "exited (exit status unknown)"
         self._set_fault(RankExited(rank.rank, rank.pid, status, phase))
 
@@ -363,23 +331,18 @@ class TorchrunPredictor:
 
     async def _terminate_tree(self) -> None:
         """Stop torchrun and every rank group: SIGTERM, SIGKILL after ``kill_after``; reap."""
-        if self._teardown_started:
-            await self._tree_gone.wait()
-            return
-        self._teardown_started = True
         self._closing = True
-        try:
-            self._accept_scope.cancel()
-            for rank in self._ranks.values():
-                await trio.aclose_forcefully(rank.stream.stream)
-            torchrun = self._proc.pid if self._proc is not None else None
-            gone = await terminate_groups(self._groups, self._kill_after, torchrun, self._events)
-            if self._proc is not None:
-                with trio.move_on_after(5.0):
-                    await self._proc.wait()
-            self._events.record("process_tree_gone" if gone else "process_tree_survived")
-        finally:
-            self._tree_gone.set()
+        self._accept_scope.cancel()
+        for rank in self._ranks.values():
+            await trio.aclose_forcefully(rank.stream.stream)
+        if self._torchrun is not None:
+            await self._torchrun.terminate(self._kill_after)
+
+    @property
+    def _tree(self) -> TorchrunProcess:
+        if self._torchrun is None:
+            raise RuntimeError("TorchrunPredictor used outside 'async with'")
+        return self._torchrun
 
     # -- the Predictor interface ----------------------------------------------------------
 
@@ -469,12 +432,12 @@ class TorchrunPredictor:
         for the lowest rank whose ``shutdown()`` raised. Cancellation stops the wait;
         ``__aexit__`` then terminates the tree.
         """
-        if self._fault is not None or self._torchrun_done.is_set() or not self._settled.is_set():
+        if self._fault is not None or self._tree.exited.is_set() or not self._settled.is_set():
             return
         self._stopping = True
         await self._broadcast(encode_frame({"t": "stop"}))
         await self._all_stopped.wait()
         with trio.move_on_after(self._kill_after):
-            await self._torchrun_done.wait()
+            await self._tree.exited.wait()
         if self._shutdown_errors:
             raise self._shutdown_errors[min(self._shutdown_errors)]
