@@ -11,8 +11,9 @@ other ranks return ``None``. ``predict`` also accepts:
   empty       true -> skip the all-reduce; rank 0 returns ``{}`` (the IPC benchmark)
   none        true -> every rank returns ``None`` (an error: no rank returned outputs)
 
-Environment: ``TORCHRUN_SINK_FAIL_SETUP_RANK`` (that rank's ``setup()`` raises),
-``TORCHRUN_SINK_MARKER_DIR`` (``shutdown()`` writes ``shutdown-<rank>`` there).
+Environment: ``TORCHRUN_SINK_FAIL_SETUP_RANK`` / ``TORCHRUN_SINK_FAIL_SHUTDOWN_RANK`` (that
+rank's ``setup()`` / ``shutdown()`` raises), ``TORCHRUN_SINK_MARKER_DIR`` (``shutdown()`` writes
+``shutdown-<rank>`` there).
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ class TorchrunSink(sprocket.Sprocket):
         if marker_dir:
             Path(marker_dir, f"shutdown-{self.rank}").write_text("ok\n")
         self.dist.destroy_process_group()
+        if os.environ.get("TORCHRUN_SINK_FAIL_SHUTDOWN_RANK") == str(self.rank):
+            raise RuntimeError(f"rank {self.rank} could not release its resources")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,8 @@ __all__ = ["RankError", "RankExited", "TorchrunError", "TorchrunPredictor"]
 
 #: How long a connected rank may take to say hello before it is dropped.
 _HELLO_TIMEOUT: Final = 30.0
+#: Bound on sending one job's args to the ranks (a rank that stops reading is dead anyway).
+_SEND_TIMEOUT: Final = 30.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -115,7 +117,7 @@ class TorchrunPredictor:
         self._settled = trio.Event()  # every rank ready, or a fault
         self._all_stopped = trio.Event()
         self._fault: JobError | None = None
-        self._shutdown_errors: dict[int, RankError] = {}
+        self._shutdown_errors: dict[int, JobError] = {}
         self._failing = False
         self._stopping = False
         self._closing = False
@@ -223,6 +225,10 @@ class TorchrunPredictor:
                 self._dispatch(rank, message)
         except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError):
             pass
+        except (KeyError, TypeError, ValueError) as exc:
+            # A malformed message: treat the rank as lost rather than crash the services.
+            self._events.record("rank_protocol_error", logging.ERROR, error=repr(exc))
+            await trio.aclose_forcefully(stream.stream)
         if rank is not None:
             await self._rank_lost(rank)
 
@@ -276,8 +282,12 @@ class TorchrunPredictor:
         if rank.stopped or self._closing:
             return
         if self._stopping or self._failing:
-            # Dying during shutdown or as part of a teardown already under way: note it only.
+            # Dying during shutdown or as part of a teardown already under way: no new fault.
             self._events.record("rank_exited", logging.WARNING, rank=rank.rank, pid=rank.pid)
+            if self._stopping and not self._failing:
+                self._shutdown_errors[rank.rank] = RankExited(
+                    rank.rank, rank.pid, "exited", "before its shutdown() finished"
+                )
             rank.stopped = True
             self._check_all_stopped()
             return
@@ -384,10 +394,16 @@ class TorchrunPredictor:
             if not self._settled.is_set() or self._stopping:
                 raise JobError("the torchrun ranks are not ready for jobs")
             job = _Job(next(self._job_ids), sink)
-            self._jobs[job.id] = job
-            frame = encode_frame({"t": "job", "id": job.id, "args": args})
             try:
-                await self._broadcast(frame)
+                frame = encode_frame({"t": "job", "id": job.id, "args": args})
+            except FrameError as exc:
+                raise JobError(f"the job's args cannot be sent to the ranks: {exc}") from None
+            self._jobs[job.id] = job
+            try:
+                # Shielded: a frame cut by a cancellation would close that rank's connection
+                # (and so stop the rank); the ranks' reader threads take frames without delay.
+                with trio.move_on_after(_SEND_TIMEOUT, shield=True):
+                    await self._broadcast(frame)
                 await job.done.wait()
             except trio.Cancelled:
                 if not job.done.is_set():
@@ -429,7 +445,8 @@ class TorchrunPredictor:
         """Tell every rank to stop and wait until each ran ``shutdown()`` and torchrun exited.
 
         Returns at once after a fault (``__aexit__`` kills what is left). Raises ``RankError``
-        for the lowest rank whose ``shutdown()`` raised. Cancellation stops the wait;
+        (or ``RankExited``) for the lowest rank whose ``shutdown()`` raised (or that died before
+        it finished). Cancellation stops the wait;
         ``__aexit__`` then terminates the tree.
         """
         if self._fault is not None or self._tree.exited.is_set() or not self._settled.is_set():

@@ -177,3 +177,19 @@ async def test_ranks_that_never_connect_and_ignore_sigterm_are_killed(supervise)
     assert "process_tree_killed" in s.events.names()
     assert "process_tree_gone" in s.events.names()
     assert_tree_gone(s, ranks=0)
+
+
+async def test_rank_shutdown_error_is_raised_after_every_rank_stopped(
+    supervise, marker_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCHRUN_SINK_FAIL_SHUTDOWN_RANK", "1")
+    async with supervise() as s:
+        await s.predictor.setup()
+        s.snapshot()
+        with pytest.raises(
+            RankError, match=r"^rank 1 raised RuntimeError: rank 1 could not release"
+        ):
+            await s.predictor.shutdown()
+    assert sorted(os.listdir(marker_dir)) == ["shutdown-0", "shutdown-1"]
+    assert s.lifecycle.fatal_reason is None  # the runtime decides what a shutdown error means
+    assert_tree_gone(s)
