@@ -8,6 +8,7 @@ go straight to the page cache from the event loop, which costs microseconds per 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -155,9 +156,10 @@ class Transfers:
                 await self._download(url, dst, processor, key)
                 args[key] = str(dst)
 
-        async with trio.open_nursery() as nursery:
-            for index, (key, url) in enumerate(wanted):
-                nursery.start_soon(fetch, index, str(key), url)
+        with _first_error():
+            async with trio.open_nursery() as nursery:
+                for index, (key, url) in enumerate(wanted):
+                    nursery.start_soon(fetch, index, str(key), url)
         return args
 
     async def _download(
@@ -287,9 +289,10 @@ class Transfers:
             async with limiter:
                 urls[path] = await self._upload(path, names[path])
 
-        async with trio.open_nursery() as nursery:
-            for path in files:
-                nursery.start_soon(upload, path)
+        with _first_error():
+            async with trio.open_nursery() as nursery:
+                for path in files:
+                    nursery.start_soon(upload, path)
         return dict(_replace_file_outputs(outputs, urls))
 
     async def _upload(self, path: FileOutput, name: str) -> str:
@@ -334,6 +337,31 @@ class Transfers:
     @staticmethod
     def remove_job_dir(job_dir: Path) -> None:
         shutil.rmtree(job_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _first_error() -> Iterator[None]:
+    """Surface the first failure of concurrent transfers as itself, not as a group.
+
+    A nursery wraps a child's ``DownloadError`` in an ``ExceptionGroup``, whose text ("Exceptions
+    from Trio nursery") would become the job's ``info.error``. Groups that hold anything but
+    plain exceptions (``Cancelled``, ``KeyboardInterrupt``) propagate unchanged.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        if leaves and all(isinstance(leaf, Exception) for leaf in leaves):
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
 
 
 def new_job_dir(root: Path) -> Path:
