@@ -82,10 +82,19 @@ _UPLOAD_PREFIX: Final = "/v1/storage/_upload/"
 _STORAGE_PREFIX: Final = "/v1/storage/"
 #: Bodies larger than this are counted, not kept, in the request record.
 _MAX_RECORDED_BODY: Final = 256 * 1024
-#: Piece size of throttled bodies: each piece is one virtual-time sleep.
+#: Largest piece of a throttled body: each piece is one virtual-time sleep.
 _THROTTLE_PIECE: Final = 64 * 1024
+
+
+def _piece_size(rate: float) -> int:
+    # About one second per piece, like bytes trickling over TCP: a timeout applies per
+    # piece, so a slow-but-moving body does not look hung.
+    return max(1, min(_THROTTLE_PIECE, int(rate)))
+
+
 _TERMINAL: Final = frozenset({"done", "failed", "canceled"})
 
+_OUTCOME_KINDS: Final = frozenset({"error", "disconnect", "drop"})
 FaultKind = Literal["error", "delay", "hang", "drop", "disconnect", "throttle"]
 
 
@@ -285,13 +294,20 @@ class _Transport(httpx.AsyncBaseTransport):
 class _Stream(httpx.AsyncByteStream):
     """A body produced in pieces, each one preceded by a virtual-time pause."""
 
-    def __init__(self, pieces: Iterable[bytes], pause: Callable[[int], float]) -> None:
+    def __init__(
+        self, pieces: Iterable[bytes], pause: Callable[[int], float], read_timeout: float | None
+    ) -> None:
         self._pieces = pieces
         self._pause = pause
+        self._read_timeout = read_timeout
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         for piece in self._pieces:
             delay = self._pause(len(piece))
+            if self._read_timeout is not None and delay > self._read_timeout:
+                # A piece slower than the client's read timeout: it gives up, as over TCP.
+                await trio.sleep(self._read_timeout)
+                raise httpx.ReadTimeout("read timed out (fake queue, slow body)")
             if delay > 0:
                 await trio.sleep(delay)
             yield piece
@@ -308,6 +324,11 @@ class _File:
     headers: dict[str, str]
     bytes_per_second: float | None
     declare_length: bool
+
+
+def _normal(url: str) -> str:
+    # As a client will send it: httpx resolves dot segments ("/a/../b" is "/b").
+    return str(httpx.URL(url))
 
 
 def _origin(url: str | httpx.URL) -> str:
@@ -473,6 +494,7 @@ class FakeQueue:
         """
         rid = await self.service.submit(model or self.model, payload, info=info, priority=priority)
         self._observe()
+        self._notify()
         return rid
 
     async def status(self, request_id: str, *, model: str | None = None) -> dict[str, Any]:
@@ -492,6 +514,7 @@ class FakeQueue:
         """Cancel a pending job (or, with ``running``, a running one); returns its status."""
         job = await self.service.cancel(model or self.model, request_id, running=running)
         self._observe()
+        self._notify()
         return job.status
 
     def job(self, request_id: str) -> Job:
@@ -515,22 +538,38 @@ class FakeQueue:
         return [t.status for t in self.history(request_id)]
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        """Wait until ``predicate()`` holds; it is checked after every request and change."""
+        """Wait until ``predicate()`` holds; it is checked after every request, every change
+        made through this object, and every lease expiry.
+
+        Cancellation: only this wait is cancelled.
+        """
         while not predicate():
-            await self._changed.wait()
+            expiry = self.store.next_lease_expiry()
+            with trio.move_on_at(math.inf if expiry is None else expiry):
+                await self._changed.wait()
+                continue
+            # A lease fell due with no request to notice it: any service call expires due
+            # leases first (and wakes long-polling workers), so make one.
+            await self.service.metrics(self.model)
+            self._observe()
+            self._notify()
 
     async def wait_status(self, request_id: str, *statuses: str) -> Transition:
-        """Wait until the job reaches one of ``statuses``; returns that transition."""
+        """Wait until the job's status is one of ``statuses``; returns the transition to it.
+
+        Cancellation: only this wait is cancelled.
+        """
         wanted = set(statuses)
-        found: list[Transition] = []
+        last: list[Transition] = []
 
         def reached() -> bool:
             self._observe()
-            found[:] = [t for t in self._histories.get(request_id, []) if t.status in wanted]
-            return bool(found)
+            history = self._histories.get(request_id, [])
+            last[:] = history[-1:]
+            return bool(last) and last[0].status in wanted
 
         await self.wait_until(reached)
-        return found[0]
+        return last[0]
 
     # -- queries over the record --------------------------------------------------------------
 
@@ -629,7 +668,7 @@ class FakeQueue:
         ``declare_length=False`` omits ``Content-Length`` (for size-limit tests).
         """
         self._register(url)
-        self._files[url] = _File(
+        self._files[_normal(url)] = _File(
             data, status, dict(headers or {}), bytes_per_second, declare_length
         )
         return url
@@ -637,8 +676,8 @@ class FakeQueue:
     def redirect(self, url: str, location: str, *, status: int = 302) -> str:
         """Answer ``url`` with a redirect to ``location``; returns ``url``."""
         self._register(url)
-        self._files[url] = location
-        self._redirect_status[url] = status
+        self._files[_normal(url)] = location
+        self._redirect_status[_normal(url)] = status
         return url
 
     def _register(self, url: str) -> None:
@@ -807,8 +846,9 @@ class FakeQueue:
         probability: float = 1.0,
         when: Callable[[RecordedRequest], bool] | None = None,
     ) -> Fault:
-        """Move request bodies (uploads) and response bodies (files) at ``bytes_per_second``
-        of virtual time: a slow upload or download."""
+        """Move bodies at ``bytes_per_second`` of virtual time: the request body of an upload,
+        the response body otherwise (a slow download, or a claim answer that trickles in after
+        its headers arrived)."""
         if bytes_per_second <= 0:
             raise ValueError("bytes_per_second must be positive")
         return self._add(
@@ -834,6 +874,8 @@ class FakeQueue:
     # -- request handling ---------------------------------------------------------------------
 
     def _endpoint(self, request: httpx.Request) -> str:
+        if self._served(request) is not None:
+            return "file"  # a file or redirect the test published, even on the API host
         origin = _origin(request.url)
         path = request.url.path
         if origin in (self.api_base_url, self.upload_base_url):
@@ -872,8 +914,17 @@ class FakeQueue:
                     record.json = None
         self.requests.append(record)
         now = trio.current_time()
-        # Every matching rule fires (a delay and an error may stack), in the order added.
-        fired = [f for f in self.faults if f._matches(record, now)]
+        # Latency, hangs and throttling stack; of the rules that decide the outcome (error,
+        # disconnect, drop) only the first matching one fires, so ``times`` counts stay exact.
+        fired: list[Fault] = []
+        decided = False
+        for fault in self.faults:
+            outcome = fault.kind in _OUTCOME_KINDS
+            if outcome and decided:
+                continue
+            if fault._matches(record, now):
+                fired.append(fault)
+                decided = decided or outcome
         for fault in fired:
             fault.hits += 1
             record.faults.append(fault.label)
@@ -884,16 +935,13 @@ class FakeQueue:
         try:
             # httpx enforces its timeouts in the network layer, which an in-process transport
             # replaces; honour the read timeout here so a hung request fails as it would.
-            with trio.fail_after(math.inf if read_timeout is None else read_timeout):
-                response = await self._exchange(request, record, fired, write_timeout)
+            with trio.fail_after(math.inf if read_timeout is None else read_timeout) as scope:
+                response = await self._exchange(request, record, fired, scope, write_timeout)
         except trio.TooSlowError:
             record.error = "timeout"
             raise httpx.ReadTimeout("read timed out (fake queue)", request=request) from None
-        except trio.Cancelled:
-            record.error = record.error or "cancelled"
-            raise
-        except httpx.TransportError as exc:
-            record.error = record.error or type(exc).__name__
+        except BaseException as exc:
+            record.error = record.error or _describe_failure(exc)
             raise
         finally:
             record.finished_at = trio.current_time()
@@ -906,6 +954,7 @@ class FakeQueue:
         request: httpx.Request,
         record: RecordedRequest,
         fired: list[Fault],
+        scope: trio.CancelScope,
         write_timeout: float | None,
     ) -> httpx.Response:
         before = [f for f in fired if not f.after_apply]
@@ -935,7 +984,7 @@ class FakeQueue:
             return httpx.Response(error.status, json=body, request=request)
 
         if record.endpoint == "upload":
-            request = self._counted_upload(request, record, throttle, write_timeout)
+            request = self._counted_upload(request, record, throttle, scope, write_timeout)
         if record.endpoint == "file":
             response = self._file_response(request, throttle)
         else:
@@ -943,11 +992,30 @@ class FakeQueue:
             await response.aread()
         record.status = response.status_code
         record.applied_at = trio.current_time()
-        if "json" in response.headers.get("content-type", "") and response.content:
+        json_answer = "json" in response.headers.get("content-type", "")
+        if record.endpoint != "file" and json_answer and response.content:
             try:
                 record.response_json = response.json()
             except ValueError:
                 record.response_json = None
+        if (
+            throttle is not None
+            and throttle.bytes_per_second
+            and record.endpoint not in ("upload", "file")
+        ):
+            # The answer trickles in: the client has its headers but not yet its body.
+            rate = throttle.bytes_per_second
+            read_timeout = request.extensions.get("timeout", {}).get("read")
+            response = httpx.Response(
+                response.status_code,
+                headers=response.headers,
+                stream=_Stream(
+                    _pieces(response.content, _piece_size(rate)),
+                    lambda n: n / rate,
+                    read_timeout,
+                ),
+                request=request,
+            )
         for fault in after:
             if fault.kind == "delay":
                 await trio.sleep(fault.seconds)
@@ -965,6 +1033,7 @@ class FakeQueue:
         request: httpx.Request,
         record: RecordedRequest,
         throttle: Fault | None,
+        scope: trio.CancelScope,
         write_timeout: float | None,
     ) -> httpx.Request:
         source = request.stream
@@ -973,13 +1042,16 @@ class FakeQueue:
         async def body() -> AsyncIterator[bytes]:
             assert isinstance(source, httpx.AsyncByteStream)
             async for chunk in source:
-                for piece in _pieces(chunk, _THROTTLE_PIECE) if rate else [chunk]:
+                for piece in _pieces(chunk, _piece_size(rate)) if rate else [chunk]:
                     if rate:
                         pause = len(piece) / rate
                         if write_timeout is not None and pause > write_timeout:
                             await trio.sleep(write_timeout)
                             record.error = "timeout"
                             raise httpx.WriteTimeout("write timed out (fake queue)")
+                        # Sending the body is not waiting for the answer: the read timeout
+                        # starts over once the body is sent, so push it back by the pause.
+                        scope.deadline += pause
                         await trio.sleep(pause)
                     record.body_bytes += len(piece)
                     yield piece
@@ -992,9 +1064,15 @@ class FakeQueue:
             extensions=request.extensions,
         )
 
+    def _file_key(self, request: httpx.Request) -> str:
+        full = str(request.url)
+        return full if full in self._files else str(request.url.copy_with(query=None))
+
+    def _served(self, request: httpx.Request) -> _File | str | None:
+        return self._files.get(self._file_key(request))
+
     def _file_response(self, request: httpx.Request, throttle: Fault | None) -> httpx.Response:
-        url = str(request.url.copy_with(query=None, fragment=None))
-        served = self._files.get(str(request.url), self._files.get(url))
+        served = self._served(request)
         if served is None:
             if request.url.host.lower() not in self._hosts:
                 raise httpx.ConnectError(
@@ -1002,18 +1080,17 @@ class FakeQueue:
                 )
             return httpx.Response(404, json={"error": "no such file"}, request=request)
         if isinstance(served, str):
-            status = self._redirect_status.get(
-                str(request.url), self._redirect_status.get(url, 302)
-            )
+            status = self._redirect_status.get(self._file_key(request), 302)
             return httpx.Response(status, headers={"location": served}, request=request)
         rate = throttle.bytes_per_second if throttle is not None else served.bytes_per_second
+        read_timeout = request.extensions.get("timeout", {}).get("read")
         headers = dict(served.headers)
         if served.declare_length:
             headers["content-length"] = str(len(served.data))
         if request.method == "HEAD":
             return httpx.Response(served.status, headers=headers, request=request)
-        pieces = _pieces(served.data, _THROTTLE_PIECE)
-        stream = _Stream(pieces, (lambda n: n / rate) if rate else (lambda n: 0.0))
+        pieces = _pieces(served.data, _piece_size(rate) if rate else _THROTTLE_PIECE)
+        stream = _Stream(pieces, (lambda n: n / rate) if rate else (lambda n: 0.0), read_timeout)
         return httpx.Response(served.status, headers=headers, stream=stream, request=request)
 
     # -- job histories ------------------------------------------------------------------------
@@ -1064,6 +1141,18 @@ class FakeQueue:
         else:
             at, reason = now, "requeued"
         history.append(Transition(at, job.status, reason, job.retries))
+
+
+def _describe_failure(exc: BaseException) -> str:
+    # The app runs in quart-trio's nursery, so the client's cancellation may come out wrapped
+    # in an exception group.
+    if isinstance(exc, BaseExceptionGroup):
+        cancelled, _ = exc.split(trio.Cancelled)
+        if cancelled is not None:
+            return "cancelled"
+    if isinstance(exc, trio.Cancelled):
+        return "cancelled"
+    return type(exc).__name__
 
 
 class _AsyncIter(httpx.AsyncByteStream):

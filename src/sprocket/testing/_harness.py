@@ -9,6 +9,7 @@ the thread runner (``VirtualThreads``, so a synchronous predict can take virtual
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,42 +20,15 @@ import trio
 
 from .._api import AsyncSprocket, Sprocket
 from .._config import Settings
-from .._events import Event, EventLog
+from .._events import Event
 from .._executor import ThreadRunner
 from .._lifecycle import State
 from .._signals import deliver
 from .._worker import Worker
-from ._fake_queue import FakeQueue
+from ._fake_queue import FakeQueue, RecordedRequest
 from ._threads import VirtualThreads
 
 __all__ = ["WorkerHandle", "run_worker"]
-
-
-class _WatchedEventLog(EventLog):
-    """An ``EventLog`` that wakes waiters on every new event (on the Trio thread)."""
-
-    def __init__(self) -> None:
-        super().__init__(keep=1_000_000)
-        self._changed = trio.Event()
-        self._token = trio.lowlevel.current_trio_token()
-
-    def record(self, name: str, level: int = 20, **fields: Any) -> None:
-        super().record(name, level, **fields)
-        try:
-            trio.lowlevel.current_task()
-        except RuntimeError:
-            # Recorded from another thread: Trio objects may only be touched on the loop.
-            with contextlib.suppress(trio.RunFinishedError):
-                self._token.run_sync_soon(self._wake)
-        else:
-            self._wake()
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait_changed(self) -> None:
-        await self._changed.wait()
 
 
 class WorkerHandle:
@@ -68,10 +42,9 @@ class WorkerHandle:
         self.queue = queue
         self.exit_code: int | None = None
         self.sigterm_at: float | None = None
-        self._log = _WatchedEventLog()
-        # Worker.run() reads worker.events when it starts; replacing it first lets waiters
-        # wake on each event instead of polling (which would move the mock clock).
-        worker.events = self._log
+        #: ``len(queue.requests)`` when the first SIGTERM was delivered.
+        self.sigterm_request_index: int | None = None
+        self._log = worker.events
         self._exited = trio.Event()
 
     # -- control ----------------------------------------------------------------------------
@@ -83,6 +56,7 @@ class WorkerHandle:
         """
         if self.sigterm_at is None:
             self.sigterm_at = trio.current_time()
+            self.sigterm_request_index = len(self.queue.requests)
         deliver(self.worker.lifecycle, self.worker.events, signal)
 
     async def wait_exit(self) -> int:
@@ -139,7 +113,9 @@ class WorkerHandle:
                     f"the worker exited (status {self.exit_code}) before event {name!r}"
                     f" #{count}; events: {self.names()}"
                 )
-            await self._until_exit_or(self._log.wait_changed)
+            # Woken by the log itself: polling would move the mock clock.
+            seen = self._log.counts[name]
+            await self._until_exit_or(functools.partial(self._log.wait_count, name, seen + 1))
 
     # -- observation ------------------------------------------------------------------------
 
@@ -179,6 +155,16 @@ class WorkerHandle:
         if not found:
             raise KeyError(name)
         return found[0].time
+
+    def requests_after_sigterm(self, endpoint: str = "*") -> list[RecordedRequest]:
+        """Requests (to ``endpoint``) the queue received after the first ``sigterm()``."""
+        if self.sigterm_request_index is None:
+            return []
+        return [
+            r
+            for r in self.queue.requests[self.sigterm_request_index :]
+            if endpoint == "*" or r.endpoint == endpoint
+        ]
 
     @property
     def shutdown_calls(self) -> int:
