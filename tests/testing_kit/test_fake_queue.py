@@ -264,3 +264,18 @@ def test_unknown_endpoint_is_refused() -> None:
         queue.close()
 
     trio.run(main)
+
+
+async def test_uploaded_file_downloads_from_the_api_base_with_credentials(
+    fake_queue: FakeQueue, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with fake_queue.client() as client:
+        r = await client.post("/v1/storage/upload-request", json={"filename": "rid-a.txt"})
+        async with httpx.AsyncClient(transport=fake_queue.transport) as plain:
+            assert (await plain.put(r.json()["upload_url"]["url"], content=b"hello")).is_success
+            assert (
+                await plain.get(f"{fake_queue.api_base_url}/v1/storage/rid-a.txt")
+            ).status_code == 401
+        got = await client.get("/v1/storage/rid-a.txt")
+    assert got.status_code == 200 and got.content == b"hello"
+    assert fake_queue.requests[-1].endpoint == "storage"
