@@ -7,7 +7,8 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import NoReturn
 
 import trio
@@ -16,11 +17,11 @@ from ._api import AsyncSprocket, Sprocket
 from ._config import Settings
 from ._errors import ConfigurationError
 from ._events import EventLog
-from ._executor import Predictor, make_predictor
+from ._executor import Predictor
 from ._info import InfoBuffer
 from ._lifecycle import Lifecycle
 from ._logging import configure_logging
-from ._worker import Worker
+from ._worker import Worker, build_predictor
 
 __all__ = ["run"]
 
@@ -73,21 +74,17 @@ def run(
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     if unknown:
         logger.info("ignoring arguments sprocket does not know: %s", " ".join(unknown))
+    main: Callable[[], Awaitable[int]]
     try:
         if settings.run_and_exit is not None:
-            predictor = make_predictor(sprocket)
-            if use_torchrun:  # the ranks run setup/predict; this process never does
-                from ._torchrun import TorchrunPredictor
-
-                lifecycle = Lifecycle(settings.grace_period)
-                predictor = TorchrunPredictor(sprocket, settings, lifecycle, EventLog())
-            code = trio.run(run_and_exit, predictor, settings.run_and_exit)
+            lifecycle = Lifecycle(settings.grace_period)
+            predictor = build_predictor(sprocket, settings, lifecycle, EventLog(), use_torchrun)
+            main = partial(run_and_exit, predictor, settings.run_and_exit)
         else:
-            worker = Worker(sprocket, settings, use_torchrun=use_torchrun)
-            code = trio.run(worker.run)
+            main = Worker(sprocket, settings, use_torchrun=use_torchrun).run
     except (TypeError, ConfigurationError) as exc:
         _fail(str(exc))
-    _exit(code)
+    _exit(trio.run(main))
 
 
 async def run_and_exit(predictor: Predictor, rounds: int) -> int:

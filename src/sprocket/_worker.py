@@ -55,15 +55,9 @@ class Worker:
         self.lifecycle = Lifecycle(settings.grace_period)
         self.events = EventLog()
         self.metrics = Metrics()
-        self.predictor: Predictor
-        if use_torchrun:
-            from ._torchrun import TorchrunPredictor
-
-            if not isinstance(user, Sprocket):
-                raise TypeError("use_torchrun=True needs a sprocket.Sprocket subclass")
-            self.predictor = TorchrunPredictor(user, settings, self.lifecycle, self.events)
-        else:
-            self.predictor = make_predictor(user, thread_runner)
+        self.predictor = build_predictor(
+            user, settings, self.lifecycle, self.events, use_torchrun, thread_runner
+        )
         self.http_addresses: list[str] = []
         self.http_jobs: HttpJobs | None = None
         self.shutdown_calls = 0
@@ -192,6 +186,25 @@ class Worker:
             httpx.AsyncClient(headers=agent, transport=self._transport, timeout=timeout) as plain,
         ):
             yield api, plain
+
+
+def build_predictor(
+    user: Sprocket | AsyncSprocket,
+    settings: Settings,
+    lifecycle: Lifecycle,
+    events: EventLog,
+    use_torchrun: bool,
+    thread_runner: ThreadRunner = default_thread_runner,
+) -> Predictor:
+    """The user's code behind the Predictor interface: in threads, on the asyncio loop thread,
+    or in torchrun ranks (the parent then never runs it). ``TypeError`` for a wrong kind."""
+    if not use_torchrun:
+        return make_predictor(user, thread_runner)
+    from ._torchrun import TorchrunPredictor
+
+    if not isinstance(user, Sprocket):
+        raise TypeError("use_torchrun=True needs a sprocket.Sprocket subclass")
+    return TorchrunPredictor(user, settings, lifecycle, events)
 
 
 async def _bound_by_drain(scope: trio.CancelScope, lifecycle: Lifecycle) -> None:
