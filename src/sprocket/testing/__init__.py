@@ -14,8 +14,11 @@ See docs/testing.md.
 
 from .._events import Event
 from .._lifecycle import State
-from ._fake_queue import ENDPOINTS, Endpoint, FakeQueue, Fault, RecordedRequest, Transition
+from ._fake_queue import FakeQueue
+from ._faults import Fault
 from ._harness import WorkerHandle, run_worker
+from ._history import Transition
+from ._records import ENDPOINTS, Endpoint, RecordedRequest
 from ._sleep import patch_time_sleep
 from ._threads import Gate, VirtualThreads, sleep, wait
 

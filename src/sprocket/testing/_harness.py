@@ -25,7 +25,8 @@ from .._executor import ThreadRunner
 from .._lifecycle import State
 from .._signals import deliver
 from .._worker import Worker
-from ._fake_queue import FakeQueue, RecordedRequest
+from ._fake_queue import FakeQueue
+from ._records import RecordedRequest
 from ._threads import VirtualThreads
 
 __all__ = ["WorkerHandle", "run_worker"]
