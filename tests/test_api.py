@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sprocket
 from sprocket._config import Settings
 from sprocket._errors import ConfigurationError
 from sprocket._executor import AsyncPredictor, SyncPredictor, make_predictor
-from sprocket._info import MAX_INFO_BYTES, InfoBuffer, info_sink
+from sprocket._info import MAX_INFO_BYTES, InfoBuffer, _surely_small, info_sink, validate_info
 
 
 def test_public_names_are_pinned() -> None:
@@ -147,3 +150,30 @@ async def test_async_sprocket_runs_on_one_asyncio_loop_and_cancels() -> None:
         assert engine.cancelled.is_set()
         assert not predictor.stuck
         await predictor.shutdown()
+
+
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=800)
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.text(max_size=300), _scalars, max_size=12))
+def test_emit_info_fast_path_agrees_with_encoding(info: dict[str, Any]) -> None:
+    try:
+        encoded = json.dumps(info, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        valid = len(encoded.encode()) < MAX_INFO_BYTES
+    except ValueError:
+        valid = False
+    if _surely_small(info):
+        assert valid
+    try:
+        validate_info(info)
+        accepted = True
+    except ValueError:
+        accepted = False
+    assert accepted == valid

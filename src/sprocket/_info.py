@@ -35,10 +35,43 @@ _current_sink: contextvars.ContextVar[InfoSink | None] = contextvars.ContextVar(
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
+def _surely_small(info: dict[Any, Any]) -> bool:
+    """True when ``info`` is a flat dict of JSON scalars whose encoding is certainly under the
+    limit, judged from an upper bound on its size without encoding it (the common progress
+    update). False means "encode it to know", never "invalid"."""
+    size = 2
+    for key, value in info.items():
+        if type(key) is not str:
+            return False
+        # A character takes at most 6 bytes in JSON (an escape like \u001f).
+        size += 6 * len(key) + 4
+        kind = type(value)
+        if value is None or kind is bool:
+            size += 5
+        elif kind is str:
+            size += 6 * len(value) + 2
+        elif kind is float:
+            if value != value or value in (_INF, -_INF):
+                return False
+            size += 32
+        elif kind is int:
+            size += value.bit_length() // 3 + 2
+        else:
+            return False
+        if size >= MAX_INFO_BYTES:
+            return False
+    return True
+
+
+_INF = float("inf")
+
+
 def validate_info(info: object) -> dict[str, Any]:
     """Check an ``emit_info`` argument: a JSON object under ``MAX_INFO_BYTES`` bytes."""
     if not isinstance(info, dict):
         raise ValueError(f"emit_info() takes a dict, not {type(info).__name__}")
+    if _surely_small(info):
+        return info
     try:
         encoded = _ENCODER.encode(info)
     except (TypeError, ValueError) as exc:
