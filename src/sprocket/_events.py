@@ -30,19 +30,16 @@ class EventLog:
     """
 
     def __init__(self, keep: int = 10_000) -> None:
-        self.events: list[Event] = []
+        self.events: collections.deque[Event] = collections.deque(maxlen=keep)
         self.counts: collections.Counter[str] = collections.Counter()
-        self._keep = keep
         self._changed: trio.Event | None = None
 
     def record(self, name: str, level: int = logging.INFO, **fields: Any) -> None:
-        self.events.append(Event(name, _now(), fields))
+        self.events.append(Event(name, _now(), fields))  # the oldest fall off past ``keep``
         self.counts[name] += 1
         if self._changed is not None:
             self._changed.set()
             self._changed = None
-        if len(self.events) > self._keep:
-            del self.events[: len(self.events) - self._keep]
         if logger.isEnabledFor(level):
             logger.log(level, "%s", name, extra={"sprocket_event": name, "sprocket_fields": fields})
 

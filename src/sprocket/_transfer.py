@@ -186,7 +186,7 @@ class Transfers:
                     if resp.is_redirect and "location" in resp.headers:
                         current = current.join(resp.headers["location"])
                         continue
-                    if resp.status_code >= 400:
+                    if resp.status_code >= 300:
                         raise DownloadError(
                             f"input {key!r}: {_display(current)} answered HTTP {resp.status_code}"
                         )
@@ -306,8 +306,10 @@ class Transfers:
                     last = f"upload-request answered HTTP {resp.status_code}"
                     continue
                 if resp.status_code >= 400:
+                    hint = " (check TOGETHER_API_KEY)" if resp.status_code in (401, 403) else ""
                     raise UploadError(
-                        f"uploading {path.name}: upload-request answered HTTP {resp.status_code}"
+                        f"uploading {path.name}: upload-request answered HTTP "
+                        f"{resp.status_code}{hint}"
                     )
                 target = self._api_base.join(resp.json()["upload_url"]["url"])
                 size = path.stat().st_size

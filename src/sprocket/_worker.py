@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import httpx
 import trio
@@ -30,7 +31,8 @@ __all__ = ["Worker"]
 
 logger = logging.getLogger("sprocket")
 
-#: Seconds the HTTP server waits for open connections once it is told to stop.
+#: Seconds the HTTP server waits for open connections once it is told to stop. Every answer
+#: has been sent by then (the drain is over), so this only bounds idle keep-alive connections.
 HTTP_DRAIN_SECONDS = 2.0
 
 
@@ -97,7 +99,11 @@ class Worker:
                 if serve_api:
                     app = create_app(lifecycle, self.metrics, http_jobs)
                     self.http_addresses = await root.start(
-                        serve_http, app, self.settings.host, self.settings.port, http_stop
+                        partial(serve_http, graceful_timeout=HTTP_DRAIN_SECONDS),
+                        app,
+                        self.settings.host,
+                        self.settings.port,
+                        http_stop,
                     )
                     events.record("http_listening", addresses=",".join(self.http_addresses))
                 task_status.started(self)
