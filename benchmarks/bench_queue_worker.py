@@ -59,19 +59,28 @@ class Empty(sprocket.Sprocket):
 
 
 class Chatty(sprocket.Sprocket):
-    """Busy work in steps of about 50 us (a 5 s predict for 100,000 steps), emitting progress
-    at every step when asked to."""
+    """Busy work in steps of about 50 us, in blocks of ``block`` steps that alternate between
+    emitting progress at every step and not emitting at all, timed by the thread's CPU clock.
+
+    Alternating blocks of ~50 ms put both variants under the same machine noise, which long
+    back-to-back runs do not (on this VM their CPU times drift by several percent).
+    """
 
     def predict(self, args: dict[str, Any]) -> dict[str, Any]:
-        steps, emit = int(args["steps"]), bool(args["emit"])
-        cpu0 = time.thread_time()
-        acc = 0
-        for i in range(steps):
-            for j in range(1500):
-                acc += (i * j) % 7
-            if emit:
-                sprocket.emit_info({"progress": i / steps, "status": "working"})
-        return {"acc": acc, "cpu_seconds": time.thread_time() - cpu0}
+        calls, block = int(args["calls"]), int(args["block"])
+        spent = {False: 0.0, True: 0.0}
+        acc, done = 0, 0
+        while done < calls:
+            for emit in (False, True):
+                t0 = time.thread_time()
+                for i in range(block):
+                    for j in range(1500):
+                        acc += (i * j) % 7
+                    if emit:
+                        sprocket.emit_info({"progress": done / calls, "status": "working"})
+                        done += 1
+                spent[emit] += time.thread_time() - t0
+        return {"acc": acc, "without": spent[False], "with": spent[True], "calls": done}
 
 
 def submit_many(url: str, key: str, payloads: list[dict[str, Any]]) -> list[str]:
@@ -132,28 +141,20 @@ def throughput(url: str, key: str, work: Path, jobs: int) -> None:
     print(f"  claim request round trip (server share, not in the above): {summary_ms(claims)}")
 
 
-def emit_info_cost(url: str, key: str, work: Path, steps: int, rounds: int = 3) -> None:
-    timings: dict[bool, list[float]] = {False: [], True: []}
-    cpu: dict[bool, list[float]] = {False: [], True: []}
-    sent: dict[bool, int] = {}
-    for _ in range(rounds):  # alternate, and keep the fastest of each, to shed machine noise
-        for emit in (False, True):
-            submit_many(url, key, [{"steps": steps, "emit": emit}])
-            worker, transport = trio.run(drive, Chatty(), url, key, 1, work)
-            t = next(iter(per_job(worker).values()))
-            timings[emit].append(t["predict_finished"] - t["predict_started"])
-            cpu[emit].append(_reported_cpu(transport.bodies[-1]))
-            sent[emit] = len(transport.bodies)
-    base, chatty = min(timings[False]), min(timings[True])
-    cpu_base, cpu_chatty = min(cpu[False]), min(cpu[True])
+def emit_info_cost(url: str, key: str, work: Path, calls: int) -> None:
+    submit_many(url, key, [{"calls": calls, "block": 1000}])
+    worker, transport = trio.run(drive, Chatty(), url, key, 1, work)
+    t = next(iter(per_job(worker).values()))
+    result = json.loads(transport.bodies[-1])["payload"]
+    without, with_, calls = result["without"], result["with"], result["calls"]
+    seconds = t["predict_finished"] - t["predict_started"]
+    slower = (with_ / without - 1) * 100
+    per_call = (with_ - without) / calls * 1e6
     print(
-        f"emit_info x{steps:,} in one predict (best of {rounds}): status requests sent: "
-        f"{sent[True]} (without: {sent[False]})\n"
-        f"  predict wall time {base:.3f} s without, {chatty:.3f} s with "
-        f"({(chatty / base - 1) * 100:+.1f}%)\n"
-        f"  predict thread CPU time {cpu_base:.3f} s without, {cpu_chatty:.3f} s with "
-        f"({(cpu_chatty / cpu_base - 1) * 100:+.1f}%, "
-        f"{(cpu_chatty - cpu_base) / steps * 1e6:.2f} us a call)"
+        f"emit_info x{calls:,} in one predict ({seconds:.1f} s): {len(transport.bodies)} status "
+        f"requests in all (heartbeats with info, and the report)\n"
+        f"  the same work, thread CPU time: {without:.3f} s without emit_info, {with_:.3f} s "
+        f"with ({slower:+.1f}%, {per_call:.2f} us a call)"
     )
 
 
@@ -167,10 +168,6 @@ def emit_info_call_cost(steps: int) -> None:
         f"  one emit_info call (timeit, best of 5): {per_call * 1e6:.2f} us, so {steps:,} calls "
         f"add {per_call * steps:.3f} s to a predict"
     )
-
-
-def _reported_cpu(final_report: bytes) -> float:
-    return float(json.loads(final_report)["payload"]["cpu_seconds"])
 
 
 def rss_kib(pid: int) -> int:
@@ -234,7 +231,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--mib", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--calls", type=int, default=100_000)
     opts = parser.parse_args()
     print("# bench_queue_worker: sprocket queue mode against the local queue server")
     print(f"machine: {machine()}")
@@ -246,8 +243,8 @@ def main() -> None:
             url = server.wait_for(r"listening on (http://\S+)").group(1)
             key = (work / "queue" / "api_key").read_text().strip()
             throughput(url, key, work, opts.jobs)
-            emit_info_cost(url, key, work, opts.steps)
-            emit_info_call_cost(opts.steps)
+            emit_info_cost(url, key, work, opts.calls)
+            emit_info_call_cost(opts.calls)
             big_files(url, key, work, opts.mib)
 
 
