@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -228,3 +229,21 @@ def test_async_sprocket_serves_and_drains(tmp_path: Path) -> None:
         assert proc.wait() == 0
         assert result["r"].json() == {"echo": 2}
         assert marker.read_text() == "shutdown\n"
+
+
+def test_json_logs_carry_request_ids_and_no_payload_values(tmp_path: Path) -> None:
+    env = {"SPROCKET_LOG_FORMAT": "json", "TOGETHER_API_KEY": "key-that-must-not-leak"}
+    args = ("--port", "0", "--host", "127.0.0.1")
+    with spawn(KITCHEN_SINK, *args, env=env, cwd=tmp_path) as proc:
+        url = proc.wait_for(r'"addresses": "(http://[^"]+)"').group(1)
+        with httpx.Client(base_url=url) as client:
+            _wait_healthy(client)
+            assert client.post("/generate", json={"text": "private words"}).status_code == 200
+        proc.signal(signal.SIGTERM)
+        assert proc.wait() == 0
+        lines = [json.loads(line) for line in proc.stderr_path.read_text().splitlines()]
+    finished = [e for e in lines if e["message"] == "job_finished"]
+    assert len(finished) == 1 and finished[0]["outcome"] == "done"
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in lines)
+    text = proc.output()
+    assert "private words" not in text and "key-that-must-not-leak" not in text
