@@ -244,6 +244,7 @@ def test_json_logs_carry_request_ids_and_no_payload_values(tmp_path: Path) -> No
         lines = [json.loads(line) for line in proc.stderr_path.read_text().splitlines()]
     finished = [e for e in lines if e["message"] == "job_finished"]
     assert len(finished) == 1 and finished[0]["outcome"] == "done"
+    assert len(finished[0]["request_id"]) == 32
     assert all({"time", "level", "logger", "message"} <= set(e) for e in lines)
     text = proc.output()
     assert "private words" not in text and "key-that-must-not-leak" not in text
