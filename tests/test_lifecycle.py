@@ -105,6 +105,13 @@ async def _until_state(worker: Worker, state: State) -> None:
     await worker.lifecycle.state.wait_value(state)
 
 
+async def _offer(worker: Worker, payload: dict[str, Any]) -> Any:
+    """Once the worker is healthy, hand it ``payload`` as ``POST /generate`` would."""
+    await _until_state(worker, State.HEALTHY)
+    assert worker.http_jobs is not None
+    return worker.http_jobs.offer(payload)
+
+
 async def test_sigterm_when_idle_exits_at_once(
     autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
@@ -158,9 +165,7 @@ async def test_sigterm_during_predict_finishes_job_before_shutdown(
     user = Recorder()
     async with trio.open_nursery() as nursery:
         worker, codes = await _start(nursery, user, tmp_path)
-        await _until_state(worker, State.HEALTHY)
-        assert worker.http_jobs is not None
-        ticket = worker.http_jobs.offer({"sleep": 50})
+        ticket = await _offer(worker, {"sleep": 50})
         await trio.sleep(10)
         deliver(worker.lifecycle, worker.events)
         deliver(worker.lifecycle, worker.events)  # a second SIGTERM changes nothing
@@ -181,9 +186,7 @@ async def test_predict_overrunning_the_drain_is_cut_at_the_grace_deadline(
     user = Recorder()
     async with trio.open_nursery() as nursery:
         worker, _ = await _start(nursery, user, tmp_path)
-        await _until_state(worker, State.HEALTHY)
-        assert worker.http_jobs is not None
-        ticket = worker.http_jobs.offer({"sleep": 5_000})
+        ticket = await _offer(worker, {"sleep": 5_000})
         # Early enough that the drain deadline (not the prediction timeout) cuts the job.
         await trio.sleep(5)
         sigterm_at = trio.current_time()
@@ -205,10 +208,8 @@ async def test_prediction_timeout_outside_drain_turns_unhealthy_and_exits_nonzer
     user = Recorder()
     async with trio.open_nursery() as nursery:
         worker, codes = await _start(nursery, user, tmp_path)
-        await _until_state(worker, State.HEALTHY)
-        assert worker.http_jobs is not None
+        ticket = await _offer(worker, {"sleep": 5_000})
         started = trio.current_time()
-        ticket = worker.http_jobs.offer({"sleep": 5_000})
         outcome = await ticket.wait()
         assert trio.current_time() - started == pytest.approx(GRACE - 1)
         assert outcome.error is not None and outcome.error.startswith("PredictionTimeout")
@@ -223,9 +224,7 @@ async def test_sigterm_during_upload_finishes_upload_then_shuts_down(
     user = Recorder()
     async with trio.open_nursery() as nursery:
         worker, codes = await _start(nursery, user, tmp_path, transport=_storage(put_seconds=40))
-        await _until_state(worker, State.HEALTHY)
-        assert worker.http_jobs is not None
-        ticket = worker.http_jobs.offer({"file": str(tmp_path / "out.bin")})
+        ticket = await _offer(worker, {"file": str(tmp_path / "out.bin")})
         await trio.sleep(5)
         assert "predict_finished" in worker.events.names()
         assert "uploaded" not in worker.events.names()
