@@ -229,7 +229,8 @@ class RankLink:
         """
         self.closing = True
         self._accept_scope.cancel()
-        for rank in self._ranks.values():
+        # A copy: a hello may register a rank while we await a close.
+        for rank in list(self._ranks.values()):
             await trio.aclose_forcefully(rank.stream.stream)
 
     async def stop(self) -> None:
