@@ -63,8 +63,8 @@ class Queue:
 
 @pytest.fixture
 def queue(tmp_path: Path) -> Iterator[Queue]:
-    with queue_server(tmp_path / "queue", tmp_path) as (_, url, key):
-        q = Queue(url, key)
+    with queue_server(tmp_path / "queue") as server:
+        q = Queue(server.url, server.key())
         yield q
         q.http.close()
 

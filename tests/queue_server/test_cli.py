@@ -14,15 +14,16 @@ import pytest
 
 from sprocket._cli import main
 from sprocket._queue_server._client import ProgressPrinter
+from tests.procs import QueueServer
 
-from .conftest import API_KEY, ServerProc
+from .conftest import API_KEY
 
 pytestmark = pytest.mark.e2e
 
 TIMEOUT = 60.0
 
 
-def run_cli(server: ServerProc, *args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(server: QueueServer, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, TOGETHER_API_BASE_URL=server.url, TOGETHER_API_KEY=API_KEY)
     return subprocess.run(
         [sys.executable, "-m", "sprocket._cli", "queue", *args],
@@ -33,7 +34,7 @@ def run_cli(server: ServerProc, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def fake_worker(server: ServerProc, model: str, final: str, outputs: dict[str, Any]) -> None:
+def fake_worker(server: QueueServer, model: str, final: str, outputs: dict[str, Any]) -> None:
     """Claim one job, report progress twice, then finish it with ``final``."""
     with server.client() as http:
         while True:
@@ -63,7 +64,7 @@ def fake_worker(server: ServerProc, model: str, final: str, outputs: dict[str, A
         )
 
 
-def test_submit_status_cancel_clear_metrics(server: ServerProc) -> None:
+def test_submit_status_cancel_clear_metrics(server: QueueServer) -> None:
     done = run_cli(server, "submit", "--model", "cli-a", "--payload", '{"x": 1}', "--priority", "2")
     assert done.returncode == 0, done.stderr
     rid = done.stdout.strip()
@@ -80,7 +81,7 @@ def test_submit_status_cancel_clear_metrics(server: ServerProc) -> None:
     assert json.loads(cleared.stdout) == {"canceled_count": 1}
 
 
-def test_submit_wait_done_prints_outputs(server: ServerProc) -> None:
+def test_submit_wait_done_prints_outputs(server: QueueServer) -> None:
     # The CLI marks what it has seen through no channel of its own, so a helper thread watches
     # its stderr lines and acknowledges them in the job's info (any key works).
     model = "cli-wait"
@@ -113,7 +114,7 @@ def test_submit_wait_done_prints_outputs(server: ServerProc) -> None:
     assert lines[-1].startswith("done")
 
 
-def _ack_progress_lines(server: ServerProc, model: str, proc: subprocess.Popen[str]) -> list[str]:
+def _ack_progress_lines(server: QueueServer, model: str, proc: subprocess.Popen[str]) -> list[str]:
     lines: list[str] = []
     assert proc.stderr is not None
     rid = ""
@@ -134,7 +135,7 @@ def _ack_progress_lines(server: ServerProc, model: str, proc: subprocess.Popen[s
     return lines
 
 
-def test_submit_wait_failed_exits_1(server: ServerProc) -> None:
+def test_submit_wait_failed_exits_1(server: QueueServer) -> None:
     model = "cli-fail"
     worker = threading.Thread(target=fake_worker, args=(server, model, "failed", {}))
     env = dict(os.environ, TOGETHER_API_BASE_URL=server.url, TOGETHER_API_KEY=API_KEY)
@@ -159,7 +160,7 @@ def test_submit_wait_failed_exits_1(server: ServerProc) -> None:
 
 
 def test_submit_wait_canceled_exits_1(
-    server: ServerProc, capsys: pytest.CaptureFixture[str]
+    server: QueueServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     model = "cli-cancel"
     result: list[int] = []
@@ -201,7 +202,7 @@ def test_submit_wait_canceled_exits_1(
         (["status", "--model", "m", "no-such-id"], "404"),
     ],
 )
-def test_bad_input_fails_clearly(server: ServerProc, args: list[str], needle: str) -> None:
+def test_bad_input_fails_clearly(server: QueueServer, args: list[str], needle: str) -> None:
     done = run_cli(server, *args)
     assert done.returncode != 0
     assert needle in done.stderr

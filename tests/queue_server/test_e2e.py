@@ -17,8 +17,9 @@ import httpx
 import pytest
 
 from sprocket._queue_server import QueueStore
+from tests.procs import QueueServer
 
-from .conftest import API_KEY, AUTH, ServerProc
+from .conftest import API_KEY, AUTH
 
 pytestmark = pytest.mark.e2e
 
@@ -38,7 +39,7 @@ def _poll_until(check: Callable[[], bool], what: str) -> None:
 
 
 def test_kill_9_during_a_submit_burst_loses_no_acknowledged_job(
-    make_server: Callable[..., ServerProc],
+    make_server: Callable[..., QueueServer],
 ) -> None:
     server = make_server()
     server.start()
@@ -81,7 +82,7 @@ def test_kill_9_during_a_submit_burst_loses_no_acknowledged_job(
     assert total >= len(acknowledged)
 
 
-def test_states_and_leases_survive_kill_9(make_server: Callable[..., ServerProc]) -> None:
+def test_states_and_leases_survive_kill_9(make_server: Callable[..., QueueServer]) -> None:
     server = make_server()
     server.start()
     with server.client() as http:
@@ -139,7 +140,7 @@ def test_states_and_leases_survive_kill_9(make_server: Callable[..., ServerProc]
 # -- storage -----------------------------------------------------------------------------------
 
 
-def test_storage_round_trip_via_presigned_url(server: ServerProc) -> None:
+def test_storage_round_trip_via_presigned_url(server: QueueServer) -> None:
     blob = os.urandom(3 * 1024 * 1024 + 17)
     with server.client() as http:
         r = http.post("/v1/storage/upload-request", json={"filename": "req1-out put.bin"})
@@ -166,7 +167,7 @@ def test_storage_round_trip_via_presigned_url(server: ServerProc) -> None:
         assert bad.status_code == 401 and API_KEY not in bad.text
 
 
-def test_presigned_url_is_for_one_name_only(server: ServerProc) -> None:
+def test_presigned_url_is_for_one_name_only(server: QueueServer) -> None:
     with server.client() as http:
         url = http.post("/v1/storage/upload-request", json={"filename": "one.txt"}).json()[
             "upload_url"
@@ -189,7 +190,7 @@ def test_presigned_url_is_for_one_name_only(server: ServerProc) -> None:
         assert http.get("/v1/storage/one.txt").status_code == 404
 
 
-def test_traversal_is_refused(server: ServerProc) -> None:
+def test_traversal_is_refused(server: QueueServer) -> None:
     secret = server.data_dir / "api_key_copy"
     secret.write_text("do not serve me")
     with server.client() as http:
@@ -218,7 +219,7 @@ def test_traversal_is_refused(server: ServerProc) -> None:
     assert secret.read_text() == "do not serve me"
 
 
-def test_upload_over_the_limit_is_413_and_leaves_nothing(server: ServerProc) -> None:
+def test_upload_over_the_limit_is_413_and_leaves_nothing(server: QueueServer) -> None:
     with server.client() as http:
         url = http.post("/v1/storage/upload-request", json={"filename": "big.bin"}).json()[
             "upload_url"
@@ -244,7 +245,7 @@ def test_upload_over_the_limit_is_413_and_leaves_nothing(server: ServerProc) -> 
 
 
 def test_sigterm_answers_long_polls_and_exits_cleanly(
-    make_server: Callable[..., ServerProc],
+    make_server: Callable[..., QueueServer],
 ) -> None:
     server = make_server()
     server.start()
@@ -262,7 +263,7 @@ def test_sigterm_answers_long_polls_and_exits_cleanly(
     poller.start()
     time.sleep(0.3)  # let the poll reach the server (the outcome does not depend on it)
     assert server.proc is not None
-    server.proc.send_signal(signal.SIGTERM)
+    server.proc.signal(signal.SIGTERM)
     assert server.proc.wait(timeout=GENEROUS) == 0
     poller.join(timeout=GENEROUS)
     assert "sprocket queue server stopped" in server.read_rest()
@@ -270,7 +271,7 @@ def test_sigterm_answers_long_polls_and_exits_cleanly(
     assert result[0].json().get("data") is None
 
 
-def test_generated_key_is_stored_and_printed(make_server: Callable[..., ServerProc]) -> None:
+def test_generated_key_is_stored_and_printed(make_server: Callable[..., QueueServer]) -> None:
     server = make_server()
     server.api_key = ""  # neither --api-key nor the environment: generate one
     env = {k: v for k, v in os.environ.items() if k != "SPROCKET_QUEUE_API_KEY"}
@@ -314,7 +315,7 @@ def test_bad_serve_arguments_fail_clearly(tmp_path: Path) -> None:
         assert "Traceback" not in done.stderr
 
 
-def test_port_in_use_fails_clearly(make_server: Callable[..., ServerProc], tmp_path: Path) -> None:
+def test_port_in_use_fails_clearly(make_server: Callable[..., QueueServer], tmp_path: Path) -> None:
     server = make_server()
     port = httpx.URL(server.start()).port
     assert port is not None
@@ -330,7 +331,7 @@ def test_port_in_use_fails_clearly(make_server: Callable[..., ServerProc], tmp_p
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-def test_tls(make_server: Callable[..., ServerProc], tmp_path: Path) -> None:
+def test_tls(make_server: Callable[..., QueueServer], tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         [

@@ -17,13 +17,15 @@ from together.types.beta.jig.queue_metrics_response import QueueMetricsResponse 
 from together.types.beta.jig.queue_retrieve_response import QueueRetrieveResponse  # noqa: E402
 from together.types.beta.jig.queue_submit_response import QueueSubmitResponse  # noqa: E402
 
-from .conftest import API_KEY, ServerProc  # noqa: E402
+from tests.procs import QueueServer  # noqa: E402
+
+from .conftest import API_KEY  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def sdk(server: ServerProc) -> Iterator[Any]:
+def sdk(server: QueueServer) -> Iterator[Any]:
     client = together.Together(api_key=API_KEY, base_url=server.url, max_retries=0)
     try:
         yield client
@@ -38,7 +40,7 @@ def _fields(model: type[Any]) -> set[str]:
     return names
 
 
-def _work(server: ServerProc, model: str, outputs: dict[str, Any]) -> str:
+def _work(server: QueueServer, model: str, outputs: dict[str, Any]) -> str:
     """Play the worker: claim one job and report it done."""
     with server.client() as http:
         r = http.get("/internal/v1/queue/retrieve", params={"model": model, "timeout": "5s"})
@@ -58,7 +60,7 @@ def _work(server: ServerProc, model: str, outputs: dict[str, Any]) -> str:
         return str(data["request_id"])
 
 
-def test_submit_and_retrieve_parse(sdk: Any, server: ServerProc) -> None:
+def test_submit_and_retrieve_parse(sdk: Any, server: QueueServer) -> None:
     queue = sdk.beta.jig.queue
     submitted = queue.submit(model="sdk-a", payload={"prompt": "hi"}, info={"tag": "x"}, priority=3)
     assert isinstance(submitted, QueueSubmitResponse)
@@ -81,7 +83,7 @@ def test_submit_and_retrieve_parse(sdk: Any, server: ServerProc) -> None:
     assert job.created_at <= job.claimed_at <= job.done_at
 
 
-def test_raw_answers_use_only_sdk_fields(sdk: Any, server: ServerProc) -> None:
+def test_raw_answers_use_only_sdk_fields(sdk: Any, server: QueueServer) -> None:
     queue = sdk.beta.jig.queue
     rid = queue.submit(model="sdk-raw", payload={}).request_id
     with server.client() as http:
@@ -102,7 +104,7 @@ def test_raw_answers_use_only_sdk_fields(sdk: Any, server: ServerProc) -> None:
         QueueCancelResponse.model_validate(raw)
 
 
-def test_cancel_clear_metrics(sdk: Any, server: ServerProc) -> None:
+def test_cancel_clear_metrics(sdk: Any, server: QueueServer) -> None:
     queue = sdk.beta.jig.queue
     ids = [queue.submit(model="sdk-b", payload={"i": i}).request_id for i in range(3)]
     metrics = queue.metrics(model="sdk-b")
@@ -125,7 +127,7 @@ def test_cancel_clear_metrics(sdk: Any, server: ServerProc) -> None:
     assert queue.metrics(model="sdk-b").total_jobs == 0
 
 
-def test_errors_map_to_sdk_exceptions(server: ServerProc) -> None:
+def test_errors_map_to_sdk_exceptions(server: QueueServer) -> None:
     bad = together.Together(api_key="not-the-key", base_url=server.url, max_retries=0)
     good = together.Together(api_key=API_KEY, base_url=server.url, max_retries=0)
     try:
@@ -142,7 +144,7 @@ def test_errors_map_to_sdk_exceptions(server: ServerProc) -> None:
         good.close()
 
 
-def test_base_url_is_the_server_root(server: ServerProc) -> None:
+def test_base_url_is_the_server_root(server: QueueServer) -> None:
     # The SDK appends /v1/queue/...; nothing is served under a doubled /v1.
     with server.client() as http:
         r = http.post("/v1/v1/queue/submit", json={"model": "x", "payload": {}})

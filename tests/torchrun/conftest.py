@@ -18,11 +18,7 @@ from sprocket._lifecycle import Lifecycle
 from sprocket._torchrun import TorchrunPredictor
 
 from .procs import Tree
-
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "examples" / "torchrun_sink.py"
-#: Failure guard only: no test asserts on durations.
-START_TIMEOUT = 120.0
+from .workers import EXAMPLE, START_TIMEOUT
 
 
 class SinkStub(sprocket.Sprocket):

@@ -18,7 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
-from .workers import JOB_TIMEOUT, QueueServer, Worker
+from tests.procs import QueueServer, queue_server
+
+from .workers import API_KEY, JOB_TIMEOUT, Worker
 
 pytestmark = pytest.mark.e2e
 
@@ -26,11 +28,10 @@ MODEL = "torchrun-sink"
 GONE_TIMEOUT = 15.0  # "within a few seconds", as a failure guard
 
 
-@pytest.fixture
-def queue_server(tmp_path: Path) -> Iterator[QueueServer]:
-    server = QueueServer(tmp_path).start()
-    yield server
-    server.stop()
+@pytest.fixture(name="queue_server")
+def queue_server_fixture(tmp_path: Path) -> Iterator[QueueServer]:
+    with queue_server(tmp_path / "queue", api_key=API_KEY) as server:
+        yield server
 
 
 @pytest.fixture
